@@ -1,0 +1,226 @@
+"""Networks of BYOL: ResNet v1 encoders and the projector / predictor MLPs.
+
+Nothing here knows about BYOL: these are plain Flax Linen modules. Every module takes
+images or features in the NHWC / [N, D] layout and a ``train`` flag that switches
+BatchNorm between batch statistics (and updating ``batch_stats``) and running averages.
+
+``axis_name`` on a module makes its BatchNorm layers average their batch statistics over
+that mapped axis (cross-replica BatchNorm under ``jax.pmap`` / ``jax.shard_map``). The BYOL
+learner sets it when the step runs over several devices; a user-written encoder that wants
+the same declares an ``axis_name: str | None = None`` field and passes it to its BatchNorms.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# BatchNorm settings of the BYOL paper's official code (decay 0.9, eps 1e-5); they are
+# also PyTorch's defaults (momentum 0.1 there means decay 0.9 here).
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def _batch_norm(train: bool, axis_name: str | None, dtype: Any, **kwargs) -> nn.BatchNorm:
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        use_fast_variance=False,
+        axis_name=axis_name,
+        dtype=dtype,
+        **kwargs,
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (ResNet-18/34)."""
+
+    filters: int
+    strides: int = 1
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+    zero_init_residual: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        norm = functools.partial(_batch_norm, train, self.axis_name, self.dtype)
+        residual = x
+        y = conv(self.filters, (3, 3), self.strides, padding=1)(x)
+        y = nn.relu(norm()(y))
+        y = conv(self.filters, (3, 3), padding=1)(y)
+        y = norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
+        if residual.shape != y.shape:
+            residual = conv(self.filters, (1, 1), self.strides, name="shortcut_conv")(residual)
+            residual = norm(name="shortcut_bn")(residual)
+        return nn.relu(residual + y)
+
+
+class BottleneckBlock(nn.Module):
+    """1x1, 3x3, 1x1 convolutions with a 4x expansion (ResNet-50 and deeper)."""
+
+    filters: int
+    strides: int = 1
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+    zero_init_residual: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        norm = functools.partial(_batch_norm, train, self.axis_name, self.dtype)
+        residual = x
+        y = nn.relu(norm()(conv(self.filters, (1, 1))(x)))
+        # ResNet v1.5 (torchvision, flax and the BYOL code): the stride sits on the 3x3 conv.
+        y = nn.relu(norm()(conv(self.filters, (3, 3), self.strides, padding=1)(y)))
+        y = conv(self.filters * 4, (1, 1))(y)
+        y = norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
+        if residual.shape != y.shape:
+            residual = conv(self.filters * 4, (1, 1), self.strides, name="shortcut_conv")(residual)
+            residual = norm(name="shortcut_bn")(residual)
+        return nn.relu(residual + y)
+
+
+def _last_scale_init(zero: bool):
+    return nn.initializers.zeros if zero else nn.initializers.ones
+
+
+class ResNet(nn.Module):
+    """ResNet v1 encoder: images [N, H, W, C] -> pooled representation [N, D].
+
+    ``width_multiplier`` scales every layer's channels (the paper's x2, x4). ``cifar_stem``
+    replaces the 7x7/2 convolution and max-pool with one 3x3/1 convolution, as small
+    (32 px) images need. With ``num_classes`` a linear head is added and the module
+    returns logits; its pooled features are then the output of the ``avgpool`` submodule
+    (use ``hidden_layer='avgpool'``), as in torchvision.
+    """
+
+    stage_sizes: Sequence[int]
+    block: type[nn.Module] = BasicBlock
+    num_filters: int = 64
+    width_multiplier: int = 1
+    cifar_stem: bool = False
+    num_classes: int | None = None
+    zero_init_residual: bool = False
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        width = self.num_filters * self.width_multiplier
+        x = x.astype(self.dtype)
+        if self.cifar_stem:
+            x = nn.Conv(
+                width, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="stem_conv"
+            )(x)
+        else:
+            x = nn.Conv(
+                width, (7, 7), 2, padding=3, use_bias=False, dtype=self.dtype, name="stem_conv"
+            )(x)
+        x = nn.relu(_batch_norm(train, self.axis_name, self.dtype, name="stem_bn")(x))
+        if not self.cifar_stem:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for stage, num_blocks in enumerate(self.stage_sizes):
+            for index in range(num_blocks):
+                x = self.block(
+                    filters=width * 2**stage,
+                    strides=2 if stage > 0 and index == 0 else 1,
+                    axis_name=self.axis_name,
+                    dtype=self.dtype,
+                    zero_init_residual=self.zero_init_residual,
+                    name=f"stage{stage + 1}_block{index + 1}",
+                )(x, train)
+        x = GlobalAvgPool(name="avgpool")(x)
+        if self.num_classes is not None:
+            x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+        return x
+
+
+class GlobalAvgPool(nn.Module):
+    """[N, H, W, C] -> [N, C] mean over the spatial axes, in float32."""
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+_STAGES = {
+    18: ((2, 2, 2, 2), BasicBlock),
+    34: ((3, 4, 6, 3), BasicBlock),
+    50: ((3, 4, 6, 3), BottleneckBlock),
+    101: ((3, 4, 23, 3), BottleneckBlock),
+    152: ((3, 8, 36, 3), BottleneckBlock),
+    200: ((3, 24, 36, 3), BottleneckBlock),
+}
+
+
+def resnet(depth: int, **kwargs) -> ResNet:
+    """ResNet v1 of the given depth (18, 34, 50, 101, 152 or 200)."""
+    if depth not in _STAGES:
+        raise ValueError(f"ResNet depth {depth!r} is not one of {sorted(_STAGES)}.")
+    stage_sizes, block = _STAGES[depth]
+    return ResNet(stage_sizes=stage_sizes, block=block, **kwargs)
+
+
+ResNet18 = functools.partial(resnet, 18)
+ResNet34 = functools.partial(resnet, 34)
+ResNet50 = functools.partial(resnet, 50)
+ResNet101 = functools.partial(resnet, 101)
+ResNet152 = functools.partial(resnet, 152)
+ResNet200 = functools.partial(resnet, 200)
+
+
+def tiny_resnet(**kwargs) -> ResNet:
+    """A two-stage ResNet with 4 base channels and a 3x3 stem, for tests (~2k parameters)."""
+    kwargs.setdefault("num_filters", 4)
+    kwargs.setdefault("cifar_stem", True)
+    return ResNet(stage_sizes=(1, 1), block=BasicBlock, **kwargs)
+
+
+def encoder_by_name(name: str, **kwargs) -> nn.Module:
+    """'resnet18' ... 'resnet200' or 'tiny' -> the encoder module (configs name encoders)."""
+    if name == "tiny":
+        return tiny_resnet(**kwargs)
+    if name.startswith("resnet") and name[6:].isdigit():
+        return resnet(int(name[6:]), **kwargs)
+    raise ValueError(
+        f"Unknown encoder {name!r}: use 'tiny' or 'resnet' followed by one of {sorted(_STAGES)}."
+    )
+
+
+class MLP(nn.Module):
+    """BYOL projector / predictor: Dense -> BatchNorm -> ReLU -> Dense. [N, D] -> [N, out]."""
+
+    hidden_size: int = 4096
+    output_size: int = 256
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = nn.Dense(self.hidden_size, dtype=self.dtype)(x)
+        x = nn.relu(_batch_norm(train, self.axis_name, self.dtype)(x))
+        return nn.Dense(self.output_size, dtype=self.dtype)(x)
+
+
+class SimSiamMLP(nn.Module):
+    """SimSiam projector of the seed: three bias-free Dense layers, each followed by BatchNorm
+    (ReLU after the first two; the last BatchNorm has no scale or offset)."""
+
+    hidden_size: int = 4096
+    output_size: int = 256
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        norm = functools.partial(_batch_norm, train, self.axis_name, self.dtype)
+        for _ in range(2):
+            x = nn.relu(norm()(nn.Dense(self.hidden_size, use_bias=False, dtype=self.dtype)(x)))
+        x = nn.Dense(self.output_size, use_bias=False, dtype=self.dtype)(x)
+        return norm(use_scale=False, use_bias=False)(x)

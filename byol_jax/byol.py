@@ -383,8 +383,9 @@ class BYOL:
             )
         grad_norm = _global_norm(grads)
         metrics = {"loss": loss, "tau": tau, "grad_norm": grad_norm}
-        learning_rate = getattr(state.opt_state, "hyperparams", {}).get("learning_rate")
-        if learning_rate is not None:  # optimisers wrapped by optax.inject_hyperparams
+        # inject_hyperparams stores the value the update just used in the *new* state.
+        learning_rate = getattr(opt_state, "hyperparams", {}).get("learning_rate")
+        if learning_rate is not None:
             metrics["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
         if self.skip_nonfinite_steps:
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

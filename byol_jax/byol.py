@@ -382,13 +382,14 @@ class BYOL:
                 target_batch_stats=target_stats,
             )
         grad_norm = _global_norm(grads)
-        metrics = {"loss": loss, "tau": tau, "grad_norm": grad_norm}
+        param_norm = _global_norm(online_params)  # non-finite here: the update overflowed
+        metrics = {"loss": loss, "tau": tau, "grad_norm": grad_norm, "param_norm": param_norm}
         # inject_hyperparams stores the value the update just used in the *new* state.
         learning_rate = getattr(opt_state, "hyperparams", {}).get("learning_rate")
         if learning_rate is not None:
             metrics["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
         if self.skip_nonfinite_steps:
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
             new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
             new_state = new_state.replace(step=state.step + 1)
             metrics["skipped"] = 1 - finite.astype(jnp.int32)

@@ -1,0 +1,111 @@
+"""The base configuration every file in configs/ starts from (the paper's recipe).
+
+Config files are Python: ``get_config()`` returns an ml_collections ConfigDict, and any field
+can be overridden on the command line with ``--config.field=value``. Fields are typed:
+an override of the wrong type, or of a field that does not exist, is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+from ml_collections import config_dict
+
+from byol_jax import augment, input_pipeline
+
+# The official code's presets by pre-training length (BYOL_RECIPE.md, section 2).
+EPOCH_PRESETS = {
+    40: dict(base_learning_rate=0.45, base_tau=0.97, weight_decay=1e-6),
+    100: dict(base_learning_rate=0.45, base_tau=0.99, weight_decay=1e-6),
+    300: dict(base_learning_rate=0.3, base_tau=0.99, weight_decay=1e-6),
+    1000: dict(base_learning_rate=0.2, base_tau=0.996, weight_decay=1.5e-6),
+}
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # Networks.
+    config.encoder = "resnet50"  # 'resnet18' ... 'resnet200' or 'tiny'
+    config.width_multiplier = 1  # the paper's x2, x4
+    config.num_filters = 64  # channels of the first ResNet stage before the multiplier
+    config.cifar_stem = False  # 3x3 stride-1 stem without max-pool, for 32 px images
+    config.hidden_layer = config_dict.placeholder(str)  # None: the encoder's pooled output
+    config.projection_size = 256
+    config.projection_hidden_size = 4096
+    config.use_momentum = True  # False: SimSiam mode
+    config.views_in_one_batch = False  # True: one BatchNorm batch for both views (the seed)
+    config.sync_batchnorm = config_dict.placeholder(bool)  # None: when over >1 device
+    config.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
+
+    # Optimisation.
+    config.batch_size = 4096  # global, over all devices and hosts
+    config.num_epochs = 1000
+    config.total_steps = -1  # > 0 overrides num_epochs
+    config.optimizer = "lars"  # 'lars', 'adam', 'adamw', 'sgd'
+    config.base_learning_rate = 0.2  # scaled by batch_size / 256 (linear scaling rule)
+    config.reference_batch_size = 256  # 0: no scaling
+    config.warmup_epochs = 10
+    config.lr_schedule = "cosine"  # 'cosine' or 'constant'
+    config.weight_decay = 1.5e-6
+    config.momentum = 0.9
+    config.trust_coefficient = 1e-3
+    config.base_tau = 0.996
+    config.tau_schedule = "cosine"  # 'cosine' (to 1 at the end) or 'constant'
+    config.skip_nonfinite_steps = False  # True: skip (and count) steps with NaN/inf
+
+    # Data and augmentation.
+    config.image_size = 224
+    config.data = input_pipeline.default_data_config()
+    config.augment = ml_collections.ConfigDict()
+    config.augment.name = "byol"  # 'byol', 'byol_cifar', 'seed' (byol_jax.augment.RECIPES)
+    config.augment.view1 = _view_overrides()  # e.g. --config.augment.view2.solarize_p=0.1
+    config.augment.view2 = _view_overrides()
+
+    # Running.
+    config.parallel = "pmap"  # 'pmap' or 'shard_map'
+    config.log_every = 100
+    config.checkpoint_every = 1000
+    config.keep_checkpoints = 3
+    config.progress_bar = True
+    config.distributed = False  # True: jax.distributed.initialize (auto-detects TPU pods)
+    config.coordinator_address = ""  # for clusters JAX does not detect, e.g. '10.0.0.1:1234'
+    config.num_processes = 0
+    config.process_id = -1
+
+    # Evaluation during and after pre-training.
+    config.knn_every = 0  # steps between kNN monitors (0: at the end only)
+    config.knn_k = 200
+    config.knn_temperature = 0.1
+    config.knn_at_end = True
+    config.knn_baseline = False  # also score a randomly initialised encoder, for comparison
+    config.eval_batch_size = 256
+    return config
+
+
+def _view_overrides() -> ml_collections.ConfigDict:
+    """One placeholder per ViewConfig field: None keeps the recipe's value."""
+    overrides = ml_collections.ConfigDict()
+    for field in dataclasses.fields(augment.ViewConfig):
+        if field.name == "image_size":
+            continue  # always config.image_size
+        default = getattr(augment.ViewConfig(), field.name)
+        kind = int if field.name == "blur_kernel_size" else type(default)
+        setattr(overrides, field.name, config_dict.placeholder(kind))
+    return overrides
+
+
+def view_overrides(view: ml_collections.ConfigDict) -> dict:
+    """The fields of config.augment.view1/2 that a config or the command line set."""
+    return {k: v for k, v in view.to_dict().items() if v is not None}
+
+
+def apply_epoch_preset(config: ml_collections.ConfigDict, epochs: int) -> None:
+    """Set num_epochs and the official code's learning rate, tau and weight decay for it."""
+    if epochs not in EPOCH_PRESETS:
+        raise ValueError(f"No preset for {epochs} epochs: choose one of {sorted(EPOCH_PRESETS)}.")
+    config.num_epochs = epochs
+    for key, value in EPOCH_PRESETS[epochs].items():
+        setattr(config, key, value)

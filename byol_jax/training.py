@@ -1,0 +1,415 @@
+"""The BYOL pre-training program: ``train_and_evaluate(config, workdir)``.
+
+Everything a run needs is built from the config (see ``byol_jax.default_config``), checked
+before anything is compiled, and the loop is the same on a laptop CPU, a GPU or a TPU pod:
+
+* resume: the latest good checkpoint in ``workdir/checkpoints`` is restored; the step's key
+  is ``fold_in(key, step)`` and the data order a function of (seed, step), so a resumed run
+  ends bit-identical to an uninterrupted one;
+* preemption: SIGTERM saves a checkpoint at the next step boundary and the process exits
+  with ``PREEMPTED_EXIT_CODE`` (every process of a cluster at the same step);
+* a non-finite loss stops the run with the step and the last good checkpoint named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from byol_jax import (
+    augment,
+    byol,
+    checkpoint,
+    default_config,
+    evaluate,
+    input_pipeline,
+    monitor,
+    networks,
+    optim,
+    parallel,
+)
+
+log = logging.getLogger(__name__)
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", what a scheduler should requeue
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is saved; exits with PREEMPTED_EXIT_CODE."""
+
+    def __init__(self):
+        super().__init__(PREEMPTED_EXIT_CODE)
+
+
+@dataclasses.dataclass
+class Run:
+    """What ``setup`` derives from a config: the pieces of one pre-training run."""
+
+    config: ml_collections.ConfigDict
+    learner: byol.BYOL
+    tx: Any  # optax.GradientTransformation
+    replicas: parallel.Replicas
+    total_steps: int
+    steps_per_epoch: int
+    info: dict
+
+
+# ------------------------------------------------------------------------------ building
+
+
+def build_encoder(config: ml_collections.ConfigDict, dtype=jnp.float32):
+    """The encoder module the config names."""
+    return networks.encoder_by_name(
+        config.encoder,
+        width_multiplier=config.width_multiplier,
+        num_filters=config.num_filters,
+        cifar_stem=config.cifar_stem,
+        dtype=dtype,
+    )
+
+
+def build_learner(config: ml_collections.ConfigDict, total_steps: int) -> byol.BYOL:
+    """The BYOL learner of a config: encoder, views, tau schedule, precision."""
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
+    if dtype is None:
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {config.dtype!r}.")
+    view1, view2 = augment.recipe_configs(
+        config.augment.name,
+        config.image_size,
+        view1=default_config.view_overrides(config.augment.view1),
+        view2=default_config.view_overrides(config.augment.view2),
+        **({"crop": False} if config.data.host_crop else {}),
+    )
+    if config.tau_schedule == "cosine":
+        tau = byol.cosine_tau_schedule(config.base_tau, total_steps)
+    elif config.tau_schedule == "constant":
+        tau = config.base_tau
+    else:
+        raise ValueError(
+            f"tau_schedule must be 'cosine' or 'constant', got {config.tau_schedule!r}."
+        )
+    return byol.BYOL(
+        build_encoder(config, dtype),
+        image_size=config.image_size,
+        hidden_layer=config.hidden_layer,
+        projection_size=config.projection_size,
+        projection_hidden_size=config.projection_hidden_size,
+        augment_fn=augment.make_view(view1),
+        augment_fn2=augment.make_view(view2),
+        moving_average_decay=tau,
+        use_momentum=config.use_momentum,
+        sync_batchnorm=config.sync_batchnorm,
+        views_in_one_batch=config.views_in_one_batch,
+        preprocess_fn=_eval_preprocess(view1),
+        dtype=dtype,
+        skip_nonfinite_steps=config.skip_nonfinite_steps,
+    )
+
+
+def _eval_preprocess(view: augment.ViewConfig):
+    """What the encoder sees at evaluation: the view's normalisation, no randomness."""
+    mean, std = jnp.asarray(view.mean), jnp.asarray(view.std)
+
+    def preprocess(images):
+        x = images.astype(jnp.float32)
+        x = x / 255.0 if images.dtype == jnp.uint8 else x
+        return (x - mean) / std if view.normalize else x
+
+    return preprocess
+
+
+def build_optimizer(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int):
+    schedule = optim.learning_rate_schedule(
+        config.base_learning_rate,
+        batch_size=config.batch_size,
+        total_steps=total_steps,
+        warmup_steps=min(int(config.warmup_epochs * steps_per_epoch), total_steps - 1),
+        schedule=config.lr_schedule,
+        reference_batch_size=config.reference_batch_size or None,
+    )
+    return optim.create_optimizer(
+        config.optimizer,
+        schedule,
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        trust_coefficient=config.trust_coefficient,
+    )
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, arrays: Mapping | None = None) -> Run:
+    """Validate the config and derive the run; every user error surfaces here, before any
+    compilation or data reading."""
+    _check_config(config)
+    _check_workdir(workdir)
+    replicas = parallel.Replicas(config.parallel, byol.DEFAULT_AXIS)
+    replicas.check_batch_size(config.batch_size)
+    info = input_pipeline.dataset_info(config.data, arrays)
+    num_train = info["num_examples"].get(config.data.train_split)
+    if not num_train:
+        raise ValueError(
+            f"split {config.data.train_split!r} not found or empty; the data has "
+            f"{info['num_examples']}: set config.data.train_split."
+        )
+    steps_per_epoch = max(1, num_train // config.batch_size)
+    total_steps = (
+        config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
+    )
+    learner = build_learner(config, total_steps)
+    tx = build_optimizer(config, total_steps, steps_per_epoch)
+    return Run(config, learner, tx, replicas, total_steps, steps_per_epoch, info)
+
+
+def _check_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(
+            f"cannot create the workdir {workdir}: {e}. Pass a writable --workdir."
+        ) from e
+    if not os.access(workdir, os.W_OK):
+        raise ValueError(f"the workdir {workdir} is not writable: pass a writable --workdir.")
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+    positive = (
+        "batch_size",
+        "image_size",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "projection_size",
+        "projection_hidden_size",
+        "eval_batch_size",
+    )
+    for name in positive:
+        if config[name] <= 0:
+            raise ValueError(f"config.{name} must be positive, got {config[name]}.")
+    if config.total_steps <= 0 and config.num_epochs <= 0:
+        raise ValueError("set config.total_steps or config.num_epochs to a positive number.")
+    if not 0.0 <= config.base_tau <= 1.0:
+        raise ValueError(f"config.base_tau must be in [0, 1], got {config.base_tau}.")
+    if config.batch_size < 2:
+        raise ValueError("config.batch_size must be at least 2 (BatchNorm needs batch statistics).")
+
+
+# ---------------------------------------------------------------------------------- loop
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, arrays: Mapping | None = None
+) -> dict:
+    """Pre-train BYOL as the config says, in ``workdir``; returns the final summary
+    (steps, loss, and kNN accuracies when evaluated). Resumes from ``workdir`` if it holds
+    checkpoints. ``arrays`` feeds in-memory data for ``config.data.source='arrays'``."""
+    if config.distributed:
+        parallel.initialize_distributed(
+            config.coordinator_address or None,
+            config.num_processes or None,
+            None if config.process_id < 0 else config.process_id,
+        )
+    run = setup(config, workdir, arrays)
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
+    )
+    init_key, step_key = jax.random.split(jax.random.key(config.seed))
+    state = run.learner.init(init_key, _sample(config), run.tx)
+    restored = ckpt.restore_latest(jax.device_get(state))
+    start_step = 0
+    if restored is not None:
+        state, start_step = restored
+        log.info("Resuming from the checkpoint of step %d in %s.", start_step, workdir)
+    checkpoint.save_config(workdir, config.to_dict())
+    writer = monitor.MetricWriter(
+        workdir,
+        total_steps=run.total_steps,
+        start_step=start_step,
+        progress_bar=config.progress_bar,
+    )
+    try:
+        with _preemption_signal() as preempted:
+            state = _train_loop(run, state, start_step, step_key, ckpt, writer, preempted, arrays)
+        summary = {"steps": run.total_steps, **_final_evaluation(run, state, arrays)}
+        if summary.get("knn_top1") is not None:
+            writer.write(run.total_steps, {k: v for k, v in summary.items() if k.startswith("knn")})
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+        return summary
+    finally:
+        writer.close()
+        ckpt.close()
+
+
+def _train_loop(run, state, start_step, step_key, ckpt, writer, preempted, arrays):
+    config, replicas = run.config, run.replicas
+    batches = input_pipeline.pretrain_batches(
+        config.data,
+        global_batch_size=config.batch_size,
+        image_size=config.image_size,
+        seed=config.seed,
+        start_step=start_step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        arrays=arrays,
+    )
+    key_name = "views" if config.data.host_crop else "images"
+    device_batches = parallel.prefetch_to_device(
+        ({key_name: b[key_name]} for b in batches), replicas
+    )
+    step_fn = replicas.map(run.learner.train_step)
+    rstate = replicas.replicate(state)
+    pending: list[tuple[int, Any]] = []  # device metrics not yet fetched (no host sync per step)
+    throughput = monitor.Throughput(config.batch_size)
+    last_logged = start_step
+    for step in range(start_step, run.total_steps):
+        batch = next(device_batches)
+        rstate, metrics = step_fn(rstate, batch[key_name], jax.random.fold_in(step_key, step))
+        pending.append((step, metrics))
+        done = step + 1
+        writer.advance()
+        stop = _should_stop(preempted, done)
+        if done % config.log_every == 0 or done == run.total_steps or stop:
+            rows = _fetch(replicas, pending, ckpt)
+            pending = []
+            summary = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
+            summary["images_per_s"] = throughput(done - last_logged)
+            last_logged = done
+            writer.write(done, summary)
+        if done % config.checkpoint_every == 0 or done == run.total_steps or stop:
+            _fetch(replicas, pending, ckpt)  # never save a state that went non-finite
+            pending = []
+            ckpt.save(done, jax.device_get(replicas.unreplicate(rstate)), force=stop)
+        if stop:
+            ckpt.wait_until_finished()
+            log.warning(
+                "Preempted: saved the checkpoint of step %d; exiting with %d.",
+                done,
+                PREEMPTED_EXIT_CODE,
+            )
+            raise Preempted()
+    ckpt.wait_until_finished()
+    return jax.device_get(replicas.unreplicate(rstate))
+
+
+def _fetch(replicas, pending, ckpt) -> list[dict]:
+    """Host copies of pending step metrics; stops the run at the first non-finite loss."""
+    rows = []
+    for step, metrics in pending:
+        row = replicas.fetch(metrics)
+        if not (math.isfinite(row["loss"]) and math.isfinite(row["param_norm"])):
+            ckpt.wait_until_finished()
+            last = ckpt.latest_step()
+            where = f"step {last} in {ckpt.directory}" if last is not None else "none was saved"
+            raise NonFiniteLossError(
+                f"training diverged at step {step + 1}: loss {row['loss']}, parameter norm "
+                f"{row['param_norm']}. The last good checkpoint: "
+                f"{where}. Lower base_learning_rate, check the input data, or set "
+                "skip_nonfinite_steps=True to skip such steps."
+            )
+        rows.append(row)
+    return rows
+
+
+def _sample(config) -> np.ndarray:
+    return np.zeros((2, config.image_size, config.image_size, 3), np.uint8)
+
+
+def _final_evaluation(run, state, arrays) -> dict:
+    config = run.config
+    if not config.knn_at_end or not run.info.get("num_classes"):
+        return {}
+    result = {}
+    learned = knn_evaluate(run, state, arrays)
+    result.update({f"knn_{k}": v for k, v in learned.items()})
+    if config.knn_baseline:
+        random_state = run.learner.init(jax.random.key(config.seed + 1), _sample(config), state.tx)
+        baseline = knn_evaluate(run, random_state, arrays)
+        result.update({f"knn_random_init_{k}": v for k, v in baseline.items()})
+    return result
+
+
+def knn_evaluate(run: Run, state: byol.ByolState, arrays=None) -> dict[str, float]:
+    """kNN top-1/top-5 of the online representation: the training split is the bank, the
+    evaluation split the queries."""
+    config = run.config
+
+    def features(split):
+        batches = input_pipeline.eval_batches(
+            config.data,
+            split=split,
+            batch_size=config.eval_batch_size,
+            image_size=config.image_size,
+            arrays=arrays,
+        )
+        return evaluate.extract_features(lambda x: run.learner.embed(state, x), batches)
+
+    bank, bank_labels = features(input_pipeline.probe_split(config.data))
+    queries, labels = features(config.data.eval_split)
+    return evaluate.knn_accuracy(
+        bank,
+        bank_labels,
+        queries,
+        labels,
+        num_classes=run.info["num_classes"],
+        k=config.knn_k,
+        temperature=config.knn_temperature,
+    )
+
+
+# ---------------------------------------------------------------------------- preemption
+
+
+class _preemption_signal:
+    """Context manager: a flag list set by SIGTERM, the handler restored on exit."""
+
+    def __enter__(self):
+        self.flag: list[bool] = []
+        self._previous = None
+        if jax.process_count() == 1:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, lambda *_: self.flag.append(True))
+            except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+                self._previous = None
+        return self.flag
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+def _should_stop(flag: list[bool], step: int) -> bool:
+    """True on every process at the same step once a SIGTERM arrived (on one process)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    # JAX's preemption sync manager (started by jax.distributed.initialize) catches SIGTERM
+    # and agrees on one step across the cluster.
+    return multihost_utils.reached_preemption_sync_point(step)
+
+
+def format_summary(summary: dict) -> str:
+    """The closing lines a run prints: steps and the kNN figures it measured."""
+    lines = [f"BYOL pre-training finished after {summary['steps']} steps."]
+    if "knn_top1" in summary:
+        lines.append(f"kNN top-1 of the learned representation: {100 * summary['knn_top1']:.1f} %")
+    if "knn_random_init_top1" in summary:
+        lines.append(
+            f"kNN top-1 of a randomly initialised encoder:  {100 * summary['knn_random_init_top1']:.1f} %"
+        )
+    return "\n".join(lines)

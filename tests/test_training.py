@@ -1,0 +1,343 @@
+"""The training program end to end: configs, tfds mock data, resume after SIGKILL, a
+two-process cluster, and the errors a bad config gets before anything compiles."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from byol_jax import checkpoint, training
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TINY = [
+    "--config.encoder=tiny",
+    "--config.projection_hidden_size=32",
+    "--config.projection_size=16",
+    "--config.progress_bar=False",
+]
+
+
+def _load(name, *overrides):
+    """A config file with command-line style overrides, as train.py would see it."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.encoder = "tiny"
+    config.projection_hidden_size = 32
+    config.projection_size = 16
+    config.progress_bar = False
+    for key, value in overrides:
+        target = config
+        *path, last = key.split(".")
+        for part in path:
+            target = target[part]
+        target[last] = value
+    return config
+
+
+def _env(devices=8):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_COMPILATION_CACHE_DIR"] = str(REPO / ".cache" / "jax")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _train_command(workdir, *args):
+    return [
+        sys.executable,
+        "-m",
+        "byol_jax.train",
+        "--config",
+        str(REPO / "configs" / "quickstart.py"),
+        "--workdir",
+        str(workdir),
+        *TINY,
+        *args,
+    ]
+
+
+def _final_params(workdir):
+    steps = sorted(
+        int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit()
+    )
+    path = pathlib.Path(workdir) / "checkpoints" / str(steps[-1])
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as c:
+        restored = c.restore(path / "default")
+    return steps[-1], restored["online_params"], restored["target_params"]
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_and_prints_both_knn_figures(tmp_path):
+    result = subprocess.run(
+        _train_command(
+            tmp_path,
+            "--config.total_steps=6",
+            "--config.batch_size=32",
+            "--config.log_every=3",
+            "--config.checkpoint_every=3",
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "kNN top-1 of the learned representation:" in result.stdout
+    assert "kNN top-1 of a randomly initialised encoder:" in result.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (
+        summary["steps"] == 6
+        and 0.0 < summary["knn_top1"] <= 1.0
+        and 0.0 < summary["knn_random_init_top1"] <= 1.0
+    )
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [3, 6]
+    assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in rows if "loss" in r)
+    assert list((tmp_path / "tensorboard").iterdir()), "no TensorBoard event file"
+    assert json.loads((tmp_path / "config.json").read_text())["encoder"] == "tiny"
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_ends_bit_identical(tmp_path):
+    args = (
+        "--config.total_steps=40",
+        "--config.batch_size=16",
+        "--config.log_every=2",
+        "--config.checkpoint_every=2",
+        "--config.knn_at_end=False",
+    )
+    straight = subprocess.run(
+        _train_command(tmp_path / "straight", *args),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    workdir = tmp_path / "killed"
+    process = subprocess.Popen(
+        _train_command(workdir, *args),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoints = workdir / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (
+        checkpoints.exists() and any(p.name == "6" for p in checkpoints.iterdir())
+    ):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert killed_at < 40, "the run finished before it could be killed"
+    resumed = subprocess.run(
+        _train_command(workdir, *args), env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from the checkpoint of step {killed_at}" in resumed.stderr
+
+    step_a, online_a, target_a = _final_params(tmp_path / "straight")
+    step_b, online_b, target_b = _final_params(workdir)
+    assert step_a == step_b == 40
+    for a, b in zip(
+        jax.tree.leaves((online_a, target_a)), jax.tree.leaves((online_b, target_b)), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_with_the_preemption_status(tmp_path):
+    args = (
+        "--config.total_steps=100000",
+        "--config.batch_size=16",
+        "--config.log_every=1",
+        "--config.checkpoint_every=100000",
+        "--config.knn_at_end=False",
+    )
+    process = subprocess.Popen(
+        _train_command(tmp_path, *args),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (
+        metrics.exists() and metrics.read_text().count("\n") >= 2
+    ):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == training.PREEMPTED_EXIT_CODE, stderr[-3000:]
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 2 <= saved[0] < 100000
+    assert f"saved the checkpoint of step {saved[0]}" in stderr
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_cluster_equals_one_process(tmp_path):
+    args = (
+        "--config.total_steps=4",
+        "--config.batch_size=16",
+        "--config.log_every=2",
+        "--config.checkpoint_every=4",
+        "--config.knn_at_end=False",
+    )
+    single = subprocess.run(
+        _train_command(tmp_path / "single", *args),
+        env=_env(8),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    port = _free_port()
+    cluster = [
+        subprocess.Popen(
+            _train_command(
+                tmp_path / "cluster",
+                *args,
+                "--config.distributed=True",
+                f"--config.coordinator_address=127.0.0.1:{port}",
+                "--config.num_processes=2",
+                f"--config.process_id={i}",
+            ),
+            env=_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in cluster]
+    for p, (_, err) in zip(cluster, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    step_a, online_a, target_a = _final_params(tmp_path / "single")
+    step_b, online_b, target_b = _final_params(tmp_path / "cluster")
+    assert step_a == step_b == 4
+    for a, b in zip(
+        jax.tree.leaves((online_a, target_a)), jax.tree.leaves((online_b, target_b)), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name, split_key", [("cifar10", "train"), ("stl10", "unlabelled"), ("imagenet", "train")]
+)
+def test_tfds_configs_train_on_mock_data_over_8_devices(tmp_path, name, split_key):
+    overrides = [
+        ("total_steps", 2),
+        ("batch_size", 16),
+        ("image_size", 32),
+        ("log_every", 1),
+        ("checkpoint_every", 2),
+        ("knn_at_end", True),
+        ("knn_k", 5),
+        ("eval_batch_size", 16),
+        ("data.data_dir", str(tmp_path / "tfds")),
+    ]
+    if name == "imagenet":
+        overrides += [("knn_at_end", False)]
+        manual = tmp_path / "tfds" / "downloads" / "manual"  # the manual-download check passes
+        manual.mkdir(parents=True)
+        (manual / "ILSVRC2012_img_train.tar").touch()
+    config = _load(name, *overrides)
+    assert config.data.train_split == split_key
+    with tfds.testing.mock_data(num_examples=48):
+        summary = training.train_and_evaluate(config, str(tmp_path / "run"))
+    assert summary["steps"] == 2
+    if name != "imagenet":
+        assert 0.0 <= summary["knn_top1"] <= 1.0
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2] and all(
+        np.isfinite(r["loss"]) for r in rows if "loss" in r
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        ([("batch_size", 12)], ValueError, "not divisible by the 8 devices"),
+        ([("batch_size", 0)], ValueError, "batch_size must be positive"),
+        ([("base_tau", 1.5)], ValueError, r"base_tau must be in \[0, 1\]"),
+        (
+            [("data.source", "folder"), ("data.folder", "/nonexistent/images")],
+            ValueError,
+            "/nonexistent/images",
+        ),
+        ([("optimizer", "rmsprop")], ValueError, "Unknown optimizer"),
+        ([("encoder", "resnet7")], ValueError, "ResNet depth 7 is not one of"),
+        ([("dtype", "float16")], ValueError, "dtype must be 'float32' or 'bfloat16'"),
+    ],
+)
+def test_bad_config_is_a_clear_error_before_compilation(tmp_path, overrides, error, message):
+    config = _load("quickstart", *overrides)
+    with pytest.raises(error, match=message):
+        training.setup(config, str(tmp_path))
+
+
+def test_unknown_field_and_unwritable_workdir(tmp_path):
+    config = _load("quickstart")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="cannot create the workdir"):
+        training.setup(config, str(blocker / "workdir"))
+    result = subprocess.run(
+        _train_command(tmp_path / "w", "--config.bacth_size=8"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0 and "bacth_size" in result.stderr
+
+
+def test_nonfinite_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
+    common = [
+        ("batch_size", 16),
+        ("log_every", 1),
+        ("checkpoint_every", 2),
+        ("knn_at_end", False),
+        ("optimizer", "sgd"),
+        ("warmup_epochs", 0),
+        ("lr_schedule", "constant"),
+    ]
+    training.train_and_evaluate(_load("quickstart", ("total_steps", 4), *common), str(tmp_path))
+    # Resume the same run with an absurd learning rate: the first update overflows.
+    diverging = _load("quickstart", ("total_steps", 8), ("base_learning_rate", 1e38), *common)
+    with pytest.raises(
+        training.NonFiniteLossError, match=r"diverged at step 5:.*checkpoint: step 4 in"
+    ):
+        training.train_and_evaluate(diverging, str(tmp_path))
+    saved = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), read_only=True).all_steps()
+    assert max(saved) == 4
+    _, online, target = _final_params(tmp_path)  # the newest checkpoint holds finite numbers
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves((online, target)))

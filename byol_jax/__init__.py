@@ -4,7 +4,7 @@ Importing the package loads the core only (no TensorFlow): the learner, networks
 optimisers and the device-mapping helpers.
 """
 
-from byol_jax import networks, optim, parallel
+from byol_jax import networks, optim, parallel, pretrained
 from byol_jax.byol import (
     BYOL,
     ByolState,
@@ -21,6 +21,7 @@ __all__ = [
     "normalize_images",
     "optim",
     "parallel",
+    "pretrained",
     "regression_loss",
 ]
 __version__ = "0.1.0"

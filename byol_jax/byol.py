@@ -115,6 +115,9 @@ class BYOL:
         normalisation of uint8 or [0, 1] images).
       dtype: compute dtype of the projector and predictor (e.g. jnp.bfloat16); parameters,
         optimiser state, EMA and loss stay float32.
+      num_classes: adds the online linear probe of the paper's code: a linear classifier on
+        the stopped representation of view 1, trained in the same step by its own
+        cross-entropy (needs ``labels`` in ``train_step``).
       skip_nonfinite_steps: a step whose loss or gradients are not finite leaves the state
         unchanged (apart from the step count) and reports ``skipped = 1``.
       axis_name: the name of the mapped device axis.
@@ -137,6 +140,7 @@ class BYOL:
         preprocess_fn: Callable[[jax.Array], jax.Array] | None = None,
         dtype: Any = jnp.float32,
         skip_nonfinite_steps: bool = False,
+        num_classes: int | None = None,
         axis_name: str = DEFAULT_AXIS,
     ):
         if not isinstance(encoder, nn.Module):
@@ -181,6 +185,10 @@ class BYOL:
         projector_cls = networks.MLP if use_momentum else networks.SimSiamMLP
         self.projector = projector_cls(projection_hidden_size, projection_size, dtype=dtype)
         self.predictor = networks.MLP(projection_hidden_size, projection_size, dtype=dtype)
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+            raise ValueError(f"num_classes must be an int >= 2 for the probe, got {num_classes!r}.")
+        self.num_classes = num_classes
+        self.probe = nn.Dense(num_classes, name="probe") if num_classes else None
         self._encoder_takes_train = "train" in inspect.signature(encoder.__call__).parameters
         self._encoder_has_axis = "axis_name" in {f.name for f in dataclasses.fields(encoder)}
         if sync_batchnorm and not self._encoder_has_axis:
@@ -311,6 +319,8 @@ class BYOL:
             "projector": proj_vars["params"],
             "predictor": pred_vars["params"],
         }
+        if self.probe is not None:
+            params["probe"] = self.probe.init(jax.random.fold_in(key, 3), rep)["params"]
         stats = {
             "encoder": enc_vars.get("batch_stats", {}),
             "projector": proj_vars["batch_stats"],
@@ -331,7 +341,7 @@ class BYOL:
             tx=tx,
         )
 
-    def train_step(self, state: ByolState, images: jax.Array, key: jax.Array):
+    def train_step(self, state: ByolState, images: jax.Array, key: jax.Array, labels=None):
         """One BYOL step on this replica's images; pure, so jit/pmap/shard_map it.
 
         Args:
@@ -339,9 +349,11 @@ class BYOL:
           images: [N, H, W, C] from which both views are drawn, or [2, N, S, S, C] for views
             already cropped on the host. uint8 or float, as ``augment_fn`` expects.
           key: the step's PRNG key, the same on every replica (e.g. ``fold_in(key, step)``).
+          labels: int [N] for the online probe (``num_classes``); -1 marks unlabelled rows.
         Returns:
           (new state, metrics): loss, tau, grad_norm, and learning_rate when the optimiser
-          exposes it (``optax.inject_hyperparams``); ``skipped`` with skip_nonfinite_steps.
+          exposes it (``optax.inject_hyperparams``); ``skipped`` with skip_nonfinite_steps;
+          ``probe_loss`` and ``probe_top1`` with the online probe.
         """
         axis = _bound_axis(self.axis_name)
         images = _check_images(
@@ -354,11 +366,15 @@ class BYOL:
         modules = self._modules(bn_axis)
         view1, view2 = self._views(images, key, axis)
 
-        (loss, (online_stats, target_stats)), grads = jax.value_and_grad(self._loss, has_aux=True)(
-            state.online_params, state, view1, view2, modules
-        )
+        if self.num_classes is not None and labels is None:
+            raise ValueError(f"the online probe (num_classes={self.num_classes}) needs labels.")
+        (_, (online_stats, target_stats, parts)), grads = jax.value_and_grad(
+            self._loss, has_aux=True
+        )(state.online_params, state, view1, view2, modules, labels)
+        loss = parts.pop("loss")
         if axis is not None:
             grads, loss = jax.lax.pmean((grads, loss), axis)
+            parts = jax.lax.psum(parts, axis)
             if bn_axis is None:  # unsynced BatchNorm: keep one set of statistics on all replicas
                 online_stats = jax.lax.pmean(online_stats, axis)
                 if self.use_momentum:
@@ -384,6 +400,10 @@ class BYOL:
         grad_norm = _global_norm(grads)
         param_norm = _global_norm(online_params)  # non-finite here: the update overflowed
         metrics = {"loss": loss, "tau": tau, "grad_norm": grad_norm, "param_norm": param_norm}
+        if self.num_classes is not None:  # summed over replicas, so exact for the global batch
+            count = jnp.maximum(parts["probe_count"], 1)
+            metrics["probe_loss"] = parts["probe_loss_sum"] / count
+            metrics["probe_top1"] = parts["probe_correct"] / count
         # inject_hyperparams stores the value the update just used in the *new* state.
         learning_rate = getattr(opt_state, "hyperparams", {}).get("learning_rate")
         if learning_rate is not None:
@@ -395,30 +415,41 @@ class BYOL:
             metrics["skipped"] = 1 - finite.astype(jnp.int32)
         return new_state, metrics
 
-    def loss(self, state: ByolState, images: jax.Array, key: jax.Array) -> jax.Array:
-        """The BYOL loss of a batch (as ``train_step`` computes it, on this replica), for
-        inspection and tests: differentiable in the state, with no gradient to the target."""
+    def loss(self, state: ByolState, images: jax.Array, key: jax.Array, labels=None) -> jax.Array:
+        """The loss a step differentiates (BYOL, plus the probe's with ``num_classes``), on
+        this replica, for inspection and tests. No gradient reaches the target."""
         axis = _bound_axis(self.axis_name)
         modules = self._modules(axis if self._sync(axis) else None)
         view1, view2 = self._views(images, key, axis)
-        return self._loss(state.online_params, state, view1, view2, modules)[0]
+        return self._loss(state.online_params, state, view1, view2, modules, labels)[0]
 
-    def _loss(self, online_params, state, view1, view2, modules):
-        """-> (loss, (new online BatchNorm stats, new target BatchNorm stats))."""
+    def _loss(self, online_params, state, view1, view2, modules, labels):
+        """-> (total loss, (online stats, target stats, metrics)): BYOL's loss plus, with a
+        probe, its cross-entropy on labelled rows (labels < 0 are unlabelled)."""
         targets = target_stats = None
         if self.use_momentum:
             # The target runs in training mode with its own BatchNorm statistics.
-            _, targets, target_stats = self._forward_views(
+            _, targets, _, target_stats = self._forward_views(
                 modules, state.target_params, state.target_batch_stats, view1, view2, predict=False
             )
-        (p1, p2), (z1, z2), online_stats = self._forward_views(
+        (p1, p2), (z1, z2), rep1, online_stats = self._forward_views(
             modules, online_params, state.online_batch_stats, view1, view2, predict=True
         )
         t1, t2 = targets if targets is not None else (z1, z2)  # SimSiam: the online projection
         # Stop-gradient: the target side never receives gradients (BYOL and SimSiam alike).
         t1, t2 = jax.lax.stop_gradient(t1), jax.lax.stop_gradient(t2)
         loss = jnp.mean(regression_loss(p1, t2) + regression_loss(p2, t1))
-        return loss, (online_stats, target_stats)
+        metrics = {"loss": loss}
+        total = loss
+        if self.num_classes is not None:
+            # The probe sees a stopped representation: it never changes the encoder's gradient.
+            logits = self.probe.apply(
+                {"params": online_params["probe"]}, jax.lax.stop_gradient(rep1)
+            )
+            probe_loss, probe_metrics = _probe_loss(logits, labels, self.num_classes)
+            total = total + probe_loss
+            metrics.update(probe_metrics)
+        return total, (online_stats, target_stats, metrics)
 
     def _sync(self, axis: str | None) -> bool:
         if axis is None:
@@ -446,25 +477,26 @@ class BYOL:
         return views
 
     def _forward_views(self, modules, params, stats, view1, view2, predict):
-        """Both views through encoder + projector (+ predictor): ((out1, out2), (z1, z2), stats)."""
+        """Both views through encoder + projector (+ predictor):
+        ((out1, out2), (z1, z2), representation of view 1, stats)."""
         if self.views_in_one_batch:
-            out, proj, stats = self._forward(
+            out, proj, rep, stats = self._forward(
                 modules, params, stats, jnp.concatenate([view1, view2]), predict
             )
             n = view1.shape[0]
-            return (out[:n], out[n:]), (proj[:n], proj[n:]), stats
-        out1, proj1, stats = self._forward(modules, params, stats, view1, predict)
-        out2, proj2, stats = self._forward(modules, params, stats, view2, predict)
-        return (out1, out2), (proj1, proj2), stats
+            return (out[:n], out[n:]), (proj[:n], proj[n:]), rep[:n], stats
+        out1, proj1, rep1, stats = self._forward(modules, params, stats, view1, predict)
+        out2, proj2, _, stats = self._forward(modules, params, stats, view2, predict)
+        return (out1, out2), (proj1, proj2), rep1, stats
 
     def _forward(self, modules, params, stats, x, predict):
-        proj, _, stats = self._project(modules, params, stats, x, train=True)
+        proj, rep, stats = self._project(modules, params, stats, x, train=True)
         if not predict:
-            return proj, proj, stats
+            return proj, proj, rep, stats
         pred, pred_stats = self._apply_mlp(
             modules[2], params["predictor"], stats["predictor"], proj, True
         )
-        return pred, proj, {**stats, "predictor": pred_stats}
+        return pred, proj, rep, {**stats, "predictor": pred_stats}
 
     # -------------------------------------------------------------------------------- embed
 
@@ -534,6 +566,23 @@ def _check_images(images, *, train: bool, channels: int | None = None, replicas:
             f"batch statistics), got a global batch of {batch}."
         )
     return images
+
+
+def _probe_loss(logits, labels, num_classes):
+    """Mean cross-entropy over labelled rows, and the sums the step reports."""
+    labelled = labels >= 0
+    xent = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), jnp.where(labelled, labels, 0)
+    )
+    count = jnp.sum(labelled)
+    loss = jnp.sum(jnp.where(labelled, xent, 0.0)) / jnp.maximum(count, 1)
+    correct = jnp.sum(labelled & (jnp.argmax(logits, -1) == labels))
+    sums = {
+        "probe_loss_sum": jnp.sum(jnp.where(labelled, xent, 0.0)),
+        "probe_correct": correct.astype(jnp.float32),
+        "probe_count": count.astype(jnp.float32),
+    }
+    return loss, sums
 
 
 # optax >= 0.2.5 has optax.tree.norm and deprecates optax.global_norm.

@@ -76,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.process_id = -1
 
     # Evaluation during and after pre-training.
+    config.online_probe = True  # a linear classifier on the stopped representation (labels)
     config.knn_every = 0  # steps between kNN monitors (0: at the end only)
     config.knn_k = 200
     config.knn_temperature = 0.1

@@ -130,27 +130,32 @@ class Replicas:
     # ------------------------------------------------------------------------- mapping
 
     def map(self, fn: Callable, *, donate_state: bool = True) -> Callable:
-        """Map ``fn(state, images, key) -> (state, metrics)`` over the devices.
+        """Map ``fn(state, images, key[, labels]) -> (state, metrics)`` over the devices.
 
-        The state goes in and out in device form, images come from ``shard``, the key is one
-        key shared by all replicas. With ``donate_state`` the old state's buffers are reused.
+        The state goes in and out in device form; images (and labels) come from ``shard``;
+        the key is one key shared by all replicas. With ``donate_state`` the old state's
+        buffers are reused.
         """
         donate = (0,) if donate_state else ()
-        if self.mode == "pmap":
-            return jax.pmap(
-                fn, axis_name=self.axis_name, in_axes=(0, 0, None), donate_argnums=donate
-            )
 
-        def call(state, images, key):
-            views = images.ndim == 5 and images.shape[0] == 2
-            cache_key = (fn, views, donate)
+        def call(state, images, key, labels=None):
+            views = images.ndim == (6 if self.mode == "pmap" else 5) and images.shape[-5] == 2
+            cache_key = (fn, views, labels is not None, donate)
             if cache_key not in self._compiled:
-                image_spec = P(None, self.axis_name) if views else P(self.axis_name)
-                mapped = _shard_map(fn, self.mesh, (P(), image_spec, P()), (P(), P()))
-                self._compiled[cache_key] = jax.jit(mapped, donate_argnums=donate)
-            return self._compiled[cache_key](state, images, key)
+                self._compiled[cache_key] = self._mapped(fn, views, labels is not None, donate)
+            args = (state, images, key) if labels is None else (state, images, key, labels)
+            return self._compiled[cache_key](*args)
 
         return call
+
+    def _mapped(self, fn, views, with_labels, donate):
+        if self.mode == "pmap":
+            in_axes = (0, 0, None, 0) if with_labels else (0, 0, None)
+            return jax.pmap(fn, axis_name=self.axis_name, in_axes=in_axes, donate_argnums=donate)
+        image_spec = P(None, self.axis_name) if views else P(self.axis_name)
+        in_specs = (P(), image_spec, P()) + ((P(self.axis_name),) if with_labels else ())
+        mapped = _shard_map(fn, self.mesh, in_specs, (P(), P()))
+        return jax.jit(mapped, donate_argnums=donate)
 
     def fetch(self, metrics: PyTree) -> dict:
         """Device metrics (identical on all replicas) -> host Python floats."""

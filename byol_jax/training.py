@@ -44,6 +44,17 @@ log = logging.getLogger(__name__)
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", what a scheduler should requeue
 
 
+RUN_KEY = "_run"  # config.json's record of what setup derived, so a workdir loads on its own
+
+
+def run_facts(run: Run) -> dict:
+    return {
+        "total_steps": run.total_steps,
+        "steps_per_epoch": run.steps_per_epoch,
+        "num_classes": run.learner.num_classes,
+    }
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite."""
 
@@ -82,8 +93,11 @@ def build_encoder(config: ml_collections.ConfigDict, dtype=jnp.float32):
     )
 
 
-def build_learner(config: ml_collections.ConfigDict, total_steps: int) -> byol.BYOL:
-    """The BYOL learner of a config: encoder, views, tau schedule, precision."""
+def build_learner(
+    config: ml_collections.ConfigDict, total_steps: int, num_classes: int | None = None
+) -> byol.BYOL:
+    """The BYOL learner of a config: encoder, views, tau schedule, precision, and the online
+    probe when ``config.online_probe`` and the data has ``num_classes`` classes."""
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
     if dtype is None:
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {config.dtype!r}.")
@@ -117,6 +131,7 @@ def build_learner(config: ml_collections.ConfigDict, total_steps: int) -> byol.B
         preprocess_fn=_eval_preprocess(view1),
         dtype=dtype,
         skip_nonfinite_steps=config.skip_nonfinite_steps,
+        num_classes=num_classes if config.online_probe else None,
     )
 
 
@@ -168,7 +183,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, arrays: Mapping | Non
     total_steps = (
         config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
     )
-    learner = build_learner(config, total_steps)
+    learner = build_learner(config, total_steps, info.get("num_classes"))
     tx = build_optimizer(config, total_steps, steps_per_epoch)
     return Run(config, learner, tx, replicas, total_steps, steps_per_epoch, info)
 
@@ -232,7 +247,7 @@ def train_and_evaluate(
     if restored is not None:
         state, start_step = restored
         log.info("Resuming from the checkpoint of step %d in %s.", start_step, workdir)
-    checkpoint.save_config(workdir, config.to_dict())
+    checkpoint.save_config(workdir, {**config.to_dict(), RUN_KEY: run_facts(run)})
     writer = monitor.MetricWriter(
         workdir,
         total_steps=run.total_steps,
@@ -267,8 +282,9 @@ def _train_loop(run, state, start_step, step_key, ckpt, writer, preempted, array
         arrays=arrays,
     )
     key_name = "views" if config.data.host_crop else "images"
+    keys = (key_name, "labels") if run.learner.num_classes else (key_name,)
     device_batches = parallel.prefetch_to_device(
-        ({key_name: b[key_name]} for b in batches), replicas
+        ({k: b[k] for k in keys} for b in batches), replicas
     )
     step_fn = replicas.map(run.learner.train_step)
     rstate = replicas.replicate(state)
@@ -277,7 +293,9 @@ def _train_loop(run, state, start_step, step_key, ckpt, writer, preempted, array
     last_logged = start_step
     for step in range(start_step, run.total_steps):
         batch = next(device_batches)
-        rstate, metrics = step_fn(rstate, batch[key_name], jax.random.fold_in(step_key, step))
+        rstate, metrics = step_fn(
+            rstate, batch[key_name], jax.random.fold_in(step_key, step), batch.get("labels")
+        )
         pending.append((step, metrics))
         done = step + 1
         writer.advance()

@@ -335,3 +335,37 @@ def test_metrics_report_the_learning_rate_of_the_step(mapped_setup):
     _, second = step(state, images, jax.random.key(1))
     assert float(first["learning_rate"]) == 0.0  # linear warm-up starts at 0
     assert float(second["learning_rate"]) == pytest.approx(1.0 * 16 / 256)  # peak after 1 step
+
+
+def test_online_probe_learns_without_touching_the_encoder_gradient():
+    images = _images()
+    labels = jnp.asarray([0, 1, 2, -1] * 4)  # every fourth row unlabelled
+    probed = _learner(num_classes=3)
+    state = probed.init(jax.random.key(0), images, optax.sgd(0.1))
+    assert state.online_params["probe"]["kernel"].shape == (8, 3)
+    plain = _learner()
+    plain_state = state.replace(
+        online_params={k: v for k, v in state.online_params.items() if k != "probe"}
+    )
+    grad = lambda learner, st, *extra: jax.grad(
+        lambda p: learner.loss(st.replace(online_params=p), images, jax.random.key(0), *extra)
+    )(st.online_params)
+    with_probe, without = grad(probed, state, labels), grad(plain, plain_state)
+    for key in ("encoder", "projector", "predictor"):
+        _assert_trees_close(with_probe[key], without[key], 1e-6)
+    assert float(jnp.abs(with_probe["probe"]["kernel"]).max()) > 0
+    # The probe's metrics count labelled rows only, over the global batch.
+    replicas = parallel.Replicas("pmap", probed.axis_name)
+    step = replicas.map(probed.train_step)
+    rstate = replicas.replicate(state)
+    rimages, rlabels = replicas.shard(np.asarray(images)), replicas.shard(np.asarray(labels))
+    history = []
+    for i in range(30):
+        rstate, metrics = step(rstate, rimages, jax.random.key(i), rlabels)
+        history.append(replicas.fetch(metrics))
+    assert history[-1]["probe_loss"] < 0.9 * history[0]["probe_loss"]  # the probe learns
+    # top-1 is a fraction of the 12 labelled rows, summed over the 8 replicas.
+    assert all(abs(12 * h["probe_top1"] - round(12 * h["probe_top1"])) < 1e-4 for h in history)
+    assert "probe" not in replicas.unreplicate(rstate).target_params
+    with pytest.raises(ValueError, match="needs labels"):
+        probed.train_step(state, images, jax.random.key(0))

@@ -1,0 +1,174 @@
+"""Images/s of the full BYOL train step (augmentation, online forward/backward, target forward,
+LARS update, EMA) on the current backend, compile time apart.
+
+    python benchmarks/throughput.py --encoder resnet18 --cifar-stem --image-size 32 --batch 128
+    python benchmarks/throughput.py ... --compare-seed --torch-python /path/to/venv-with-torch/bin/python
+
+Prints one line per setting and a JSON line with everything: images/s, step time, compile
+time, peak memory (host RSS on the CPU, device memory on GPU/TPU), XLA's FLOPs per image and,
+on an accelerator with a known peak, the achieved fraction of it (MFU). ``--compare-seed``
+runs byol-pytorch 0.8.2 (benchmarks/seed_step.py) on the same settings in a subprocess and
+prints the ratio. Not a test: timings depend on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import byol_jax
+from byol_jax import augment, networks, optim, parallel
+
+# bf16 dense matrix peak per device, FLOP/s (vendor figures; the H200 one as measured in
+# BYOL_RECIPE.md). Used only to print MFU.
+PEAK_FLOPS = {"H200": 790e12, "H100": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5": 459e12}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--encoder", default="resnet18", help="resnet18 ... resnet200, or tiny")
+    p.add_argument("--width", type=int, default=1, help="width multiplier")
+    p.add_argument("--num-filters", type=int, default=64)
+    p.add_argument("--cifar-stem", action="store_true")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch", type=int, default=128, help="global batch")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--devices", type=int, default=1, help="devices to map the step over (pmap)")
+    p.add_argument("--mode", default="pmap", choices=["pmap", "shard_map"])
+    p.add_argument("--recipe", default="byol_cifar", help="augmentation recipe")
+    p.add_argument("--views-in-one-batch", action="store_true", help="the seed's shared BatchNorm batch")
+    p.add_argument("--compare-seed", action="store_true", help="also run byol-pytorch 0.8.2")
+    p.add_argument("--torch-python", default=sys.executable, help="python with torch + byol-pytorch")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for --compare-seed")
+    return p.parse_args(argv)
+
+
+def build(args):
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    encoder = networks.encoder_by_name(
+        args.encoder, width_multiplier=args.width, num_filters=args.num_filters,
+        cifar_stem=args.cifar_stem, dtype=dtype,
+    )
+    view1, view2 = augment.recipe(args.recipe, args.image_size)
+    learner = byol_jax.BYOL(
+        encoder, image_size=args.image_size, augment_fn=view1, augment_fn2=view2,
+        views_in_one_batch=args.views_in_one_batch, dtype=dtype,
+    )
+    schedule = optim.learning_rate_schedule(0.2, batch_size=args.batch, total_steps=10_000, warmup_steps=100)
+    tx = optim.create_optimizer("lars", schedule, weight_decay=1.5e-6)
+    return learner, tx
+
+
+def measure(args) -> dict:
+    learner, tx = build(args)
+    replicas = parallel.Replicas(args.mode, learner.axis_name, devices=jax.devices()[: args.devices])
+    replicas.check_batch_size(args.batch)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.batch, args.image_size, args.image_size, 3), dtype=np.uint8)
+    state = learner.init(jax.random.key(0), images[:2], tx)
+    rstate, rimages = replicas.replicate(state), replicas.shard(images)
+    step = replicas.map(learner.train_step)
+
+    flops = _flops_per_image(learner, state, images, args)
+    start = time.perf_counter()
+    rstate, metrics = step(rstate, rimages, jax.random.key(0))
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    for i in range(args.warmup):
+        rstate, metrics = step(rstate, rimages, jax.random.key(i + 1))
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for i in range(args.steps):
+        rstate, metrics = step(rstate, rimages, jax.random.key(i + 100))
+    jax.block_until_ready(metrics)
+    step_s = (time.perf_counter() - start) / args.steps
+    result = {
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "devices": replicas.num_replicas,
+        "encoder": args.encoder, "width": args.width, "num_filters": args.num_filters,
+        "cifar_stem": args.cifar_stem, "image_size": args.image_size, "batch": args.batch,
+        "dtype": args.dtype, "mode": args.mode,
+        "images_per_s": args.batch / step_s, "step_time_s": step_s, "compile_s": compile_s,
+        "flops_per_image": flops, "peak_memory_gb": _peak_memory_gb(),
+        "loss": float(replicas.fetch(metrics)["loss"]),
+    }
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in result["device"]), None)
+    if peak and flops:
+        result["mfu"] = flops * result["images_per_s"] / (peak * replicas.num_replicas)
+    return result
+
+
+def _flops_per_image(learner, state, images, args):
+    """XLA's own count for one unmapped step on one device, per image (None if unknown)."""
+    per_device = max(2, args.batch // args.devices)
+    try:
+        lowered = jax.jit(learner.train_step).lower(state, images[:per_device], jax.random.key(0))
+        cost = lowered.compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        return float(cost["flops"]) / per_device
+    except Exception:  # noqa: BLE001 (cost analysis is optional and backend-dependent)
+        return None
+
+
+def _peak_memory_gb():
+    if jax.default_backend() == "cpu":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", 0) / 2**30
+
+
+def run_seed(args) -> dict | None:
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seed_step.py")
+    arch = args.encoder if args.encoder in ("resnet18", "resnet50") else None
+    if arch is None:
+        print(f"--compare-seed: byol-pytorch is measured for resnet18/resnet50 only, not {args.encoder}")
+        return None
+    command = [args.torch_python, script, "--arch", arch, "--image-size", str(args.image_size),
+               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--threads", str(args.threads), "--json",
+               "--cifar-stem" if args.cifar_stem else "--no-cifar-stem"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"--compare-seed failed (is torch + byol-pytorch installed for {args.torch_python}?):\n"
+              f"{done.stderr[-2000:]}")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    result = measure(args)
+    line = (f"byol_jax {args.encoder} {args.image_size}px batch {args.batch} {args.dtype} on "
+            f"{result['devices']}x {result['device']}: {result['images_per_s']:.1f} images/s "
+            f"({result['step_time_s'] * 1000:.0f} ms/step), compile {result['compile_s']:.1f} s, "
+            f"peak memory {result['peak_memory_gb']:.2f} GB")
+    if result["flops_per_image"]:
+        line += f", {result['flops_per_image'] / 1e9:.2f} GFLOP/image"
+    if "mfu" in result:
+        line += f", MFU {100 * result['mfu']:.1f} %"
+    print(line)
+    if args.compare_seed:
+        seed = run_seed(args)
+        if seed:
+            result["seed_images_per_s"] = seed["images_per_s"]
+            result["ratio_vs_seed"] = result["images_per_s"] / seed["images_per_s"]
+            print(f"byol-pytorch 0.8.2 same settings: {seed['images_per_s']:.1f} images/s; "
+                  f"byol_jax / seed = {result['ratio_vs_seed']:.2f}")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

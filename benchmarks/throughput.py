@@ -34,7 +34,9 @@ PEAK_FLOPS = {"H200": 790e12, "H100": 989e12, "A100": 312e12, "TPU v4": 275e12, 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--encoder", default="resnet18", help="resnet18 ... resnet200, or tiny")
     p.add_argument("--width", type=int, default=1, help="width multiplier")
     p.add_argument("--num-filters", type=int, default=64)
@@ -47,9 +49,13 @@ def parse_args(argv=None):
     p.add_argument("--devices", type=int, default=1, help="devices to map the step over (pmap)")
     p.add_argument("--mode", default="pmap", choices=["pmap", "shard_map"])
     p.add_argument("--recipe", default="byol_cifar", help="augmentation recipe")
-    p.add_argument("--views-in-one-batch", action="store_true", help="the seed's shared BatchNorm batch")
+    p.add_argument(
+        "--views-in-one-batch", action="store_true", help="the seed's shared BatchNorm batch"
+    )
     p.add_argument("--compare-seed", action="store_true", help="also run byol-pytorch 0.8.2")
-    p.add_argument("--torch-python", default=sys.executable, help="python with torch + byol-pytorch")
+    p.add_argument(
+        "--torch-python", default=sys.executable, help="python with torch + byol-pytorch"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads for --compare-seed")
     return p.parse_args(argv)
 
@@ -57,22 +63,33 @@ def parse_args(argv=None):
 def build(args):
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     encoder = networks.encoder_by_name(
-        args.encoder, width_multiplier=args.width, num_filters=args.num_filters,
-        cifar_stem=args.cifar_stem, dtype=dtype,
+        args.encoder,
+        width_multiplier=args.width,
+        num_filters=args.num_filters,
+        cifar_stem=args.cifar_stem,
+        dtype=dtype,
     )
     view1, view2 = augment.recipe(args.recipe, args.image_size)
     learner = byol_jax.BYOL(
-        encoder, image_size=args.image_size, augment_fn=view1, augment_fn2=view2,
-        views_in_one_batch=args.views_in_one_batch, dtype=dtype,
+        encoder,
+        image_size=args.image_size,
+        augment_fn=view1,
+        augment_fn2=view2,
+        views_in_one_batch=args.views_in_one_batch,
+        dtype=dtype,
     )
-    schedule = optim.learning_rate_schedule(0.2, batch_size=args.batch, total_steps=10_000, warmup_steps=100)
+    schedule = optim.learning_rate_schedule(
+        0.2, batch_size=args.batch, total_steps=10_000, warmup_steps=100
+    )
     tx = optim.create_optimizer("lars", schedule, weight_decay=1.5e-6)
     return learner, tx
 
 
 def measure(args) -> dict:
     learner, tx = build(args)
-    replicas = parallel.Replicas(args.mode, learner.axis_name, devices=jax.devices()[: args.devices])
+    replicas = parallel.Replicas(
+        args.mode, learner.axis_name, devices=jax.devices()[: args.devices]
+    )
     replicas.check_batch_size(args.batch)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.batch, args.image_size, args.image_size, 3), dtype=np.uint8)
@@ -97,11 +114,19 @@ def measure(args) -> dict:
         "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind,
         "devices": replicas.num_replicas,
-        "encoder": args.encoder, "width": args.width, "num_filters": args.num_filters,
-        "cifar_stem": args.cifar_stem, "image_size": args.image_size, "batch": args.batch,
-        "dtype": args.dtype, "mode": args.mode,
-        "images_per_s": args.batch / step_s, "step_time_s": step_s, "compile_s": compile_s,
-        "flops_per_image": flops, "peak_memory_gb": _peak_memory_gb(),
+        "encoder": args.encoder,
+        "width": args.width,
+        "num_filters": args.num_filters,
+        "cifar_stem": args.cifar_stem,
+        "image_size": args.image_size,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "mode": args.mode,
+        "images_per_s": args.batch / step_s,
+        "step_time_s": step_s,
+        "compile_s": compile_s,
+        "flops_per_image": flops,
+        "peak_memory_gb": _peak_memory_gb(),
         "loss": float(replicas.fetch(metrics)["loss"]),
     }
     peak = next((v for k, v in PEAK_FLOPS.items() if k in result["device"]), None)
@@ -133,16 +158,34 @@ def run_seed(args) -> dict | None:
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seed_step.py")
     arch = args.encoder if args.encoder in ("resnet18", "resnet50") else None
     if arch is None:
-        print(f"--compare-seed: byol-pytorch is measured for resnet18/resnet50 only, not {args.encoder}")
+        print(
+            f"--compare-seed: byol-pytorch is measured for resnet18/resnet50 only, not {args.encoder}"
+        )
         return None
-    command = [args.torch_python, script, "--arch", arch, "--image-size", str(args.image_size),
-               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--threads", str(args.threads), "--json",
-               "--cifar-stem" if args.cifar_stem else "--no-cifar-stem"]
+    command = [
+        args.torch_python,
+        script,
+        "--arch",
+        arch,
+        "--image-size",
+        str(args.image_size),
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--json",
+        "--cifar-stem" if args.cifar_stem else "--no-cifar-stem",
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        print(f"--compare-seed failed (is torch + byol-pytorch installed for {args.torch_python}?):\n"
-              f"{done.stderr[-2000:]}")
+        print(
+            f"--compare-seed failed (is torch + byol-pytorch installed for {args.torch_python}?):\n"
+            f"{done.stderr[-2000:]}"
+        )
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -150,10 +193,12 @@ def run_seed(args) -> dict | None:
 def main(argv=None):
     args = parse_args(argv)
     result = measure(args)
-    line = (f"byol_jax {args.encoder} {args.image_size}px batch {args.batch} {args.dtype} on "
-            f"{result['devices']}x {result['device']}: {result['images_per_s']:.1f} images/s "
-            f"({result['step_time_s'] * 1000:.0f} ms/step), compile {result['compile_s']:.1f} s, "
-            f"peak memory {result['peak_memory_gb']:.2f} GB")
+    line = (
+        f"byol_jax {args.encoder} {args.image_size}px batch {args.batch} {args.dtype} on "
+        f"{result['devices']}x {result['device']}: {result['images_per_s']:.1f} images/s "
+        f"({result['step_time_s'] * 1000:.0f} ms/step), compile {result['compile_s']:.1f} s, "
+        f"peak memory {result['peak_memory_gb']:.2f} GB"
+    )
     if result["flops_per_image"]:
         line += f", {result['flops_per_image'] / 1e9:.2f} GFLOP/image"
     if "mfu" in result:
@@ -164,8 +209,10 @@ def main(argv=None):
         if seed:
             result["seed_images_per_s"] = seed["images_per_s"]
             result["ratio_vs_seed"] = result["images_per_s"] / seed["images_per_s"]
-            print(f"byol-pytorch 0.8.2 same settings: {seed['images_per_s']:.1f} images/s; "
-                  f"byol_jax / seed = {result['ratio_vs_seed']:.2f}")
+            print(
+                f"byol-pytorch 0.8.2 same settings: {seed['images_per_s']:.1f} images/s; "
+                f"byol_jax / seed = {result['ratio_vs_seed']:.2f}"
+            )
     print(json.dumps(result))
     return result
 

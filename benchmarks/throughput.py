@@ -52,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--views-in-one-batch", action="store_true", help="the seed's shared BatchNorm batch"
     )
+    p.add_argument("--sync-batchnorm", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--compare-seed", action="store_true", help="also run byol-pytorch 0.8.2")
     p.add_argument(
         "--torch-python", default=sys.executable, help="python with torch + byol-pytorch"
@@ -77,6 +78,7 @@ def build(args):
         augment_fn2=view2,
         views_in_one_batch=args.views_in_one_batch,
         dtype=dtype,
+        sync_batchnorm={"auto": None, "on": True, "off": False}[args.sync_batchnorm],
     )
     schedule = optim.learning_rate_schedule(
         0.2, batch_size=args.batch, total_steps=10_000, warmup_steps=100
@@ -122,6 +124,7 @@ def measure(args) -> dict:
         "batch": args.batch,
         "dtype": args.dtype,
         "mode": args.mode,
+        "sync_batchnorm": args.sync_batchnorm,
         "images_per_s": args.batch / step_s,
         "step_time_s": step_s,
         "compile_s": compile_s,

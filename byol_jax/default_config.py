@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer = "lars"  # 'lars', 'adam', 'adamw', 'sgd'
     config.base_learning_rate = 0.2  # scaled by batch_size / 256 (linear scaling rule)
     config.reference_batch_size = 256  # 0: no scaling
-    config.warmup_epochs = 10
+    config.warmup_epochs = 10.0  # may be fractional
     config.lr_schedule = "cosine"  # 'cosine' or 'constant'
     config.weight_decay = 1.5e-6
     config.momentum = 0.9

@@ -74,6 +74,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     data.host_crop = False  # pre-training: two random-resized crops per image on the host
     data.crop_area = (0.08, 1.0)  # random-resized crop: fraction of the image area
     data.crop_ratio = (3 / 4, 4 / 3)  # random-resized crop: aspect ratio range (log-uniform)
+    data.flip_p = 0.5  # linear evaluation's training input: horizontal flip probability
     data.eval_crop_fraction = 0.875  # eval: centre square of this fraction of the short side
     data.shuffle_buffer = 10_000  # tfds: records in the per-epoch shuffle buffer
     data.shuffle_chunks = 16  # tfds: chunks per process interleaved in a per-epoch order
@@ -135,7 +136,7 @@ def linear_eval_batches(
     """Endless linear-probe training batches of a labelled split (default `probe_split(data)`).
 
     {'images': uint8 [B, S, S, 3], 'labels': int32 [B]}: a random-resized crop (data.crop_area,
-    data.crop_ratio) and a horizontal flip with probability 1/2. Deterministic in (seed, step).
+    data.crop_ratio) and a horizontal flip with probability data.flip_p. Deterministic in (seed, step).
     """
     split = split or probe_split(data)
     require_labels(data, split, arrays)
@@ -533,7 +534,7 @@ def _np_example(image, mode, size, data, seed, position):
     )
     if mode == "views":
         return np.stack([crop(0), crop(1)])
-    flip = np.random.default_rng([seed, position, 2]).random() < 0.5
+    flip = np.random.default_rng([seed, position, 2]).random() < data.flip_p
     return crop(0)[:, ::-1] if flip else crop(0)
 
 
@@ -655,7 +656,7 @@ def _tf_example(encoded, key, mode, size, data):
     if mode == "views":
         return tf.stack([crop(0), crop(1)])
     image = crop(0)
-    flip = tf.random.stateless_uniform([], tf.random.fold_in(key, 2)) < 0.5
+    flip = tf.random.stateless_uniform([], tf.random.fold_in(key, 2)) < data.flip_p
     return tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
 
 

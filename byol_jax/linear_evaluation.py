@@ -344,7 +344,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, arrays: Mapping | Non
             f"--workdir {workdir} is the pre-training workdir: linear evaluation writes "
             "checkpoints of its own, pass another --workdir."
         )
-    training._check_workdir(workdir)
+    training.check_workdir(workdir)
     pretraining, _ = _load_pretrained_config(source)
     data = merged_data(pretraining, config.data)
     image_size = config.image_size or pretraining.image_size
@@ -499,11 +499,14 @@ def train_and_evaluate(
         progress_bar=config.progress_bar,
     )
     try:
-        with training._preemption_signal() as preempted:
+        with training.preemption_signal() as preempted:
             state = LinearEvalState(classifier, run.encoder)
             rstate = _train_loop(run, state, start_step, ckpt, writer, preempted, arrays)
         results = _final_evaluation(run, rstate, arrays)
-        writer.write(run.total_steps, {f"test_{k}": v for k, v in results.items()})
+        writer.write(
+            run.total_steps,
+            {k if k.startswith("holdout") else f"test_{k}": v for k, v in results.items()},
+        )
         results = {"steps": run.total_steps, **results, **_provenance(run)}
         if jax.process_index() == 0:
             with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
@@ -538,7 +541,7 @@ def _image_step(learner: byol.BYOL):
 
 
 def _should_stop(preempted: list[bool], step: int) -> bool:
-    return training._should_stop(preempted, step)
+    return training.should_stop(preempted, step)
 
 
 def _train_loop(run, state, start_step, ckpt, writer, preempted, arrays):

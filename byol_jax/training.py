@@ -169,7 +169,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, arrays: Mapping | Non
     """Validate the config and derive the run; every user error surfaces here, before any
     compilation or data reading."""
     _check_config(config)
-    _check_workdir(workdir)
+    check_workdir(workdir)
     replicas = parallel.Replicas(config.parallel, byol.DEFAULT_AXIS)
     replicas.check_batch_size(config.batch_size)
     info = input_pipeline.dataset_info(config.data, arrays)
@@ -188,7 +188,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, arrays: Mapping | Non
     return Run(config, learner, tx, replicas, total_steps, steps_per_epoch, info)
 
 
-def _check_workdir(workdir: str) -> None:
+def check_workdir(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
@@ -255,7 +255,7 @@ def train_and_evaluate(
         progress_bar=config.progress_bar,
     )
     try:
-        with _preemption_signal() as preempted:
+        with preemption_signal() as preempted:
             state = _train_loop(run, state, start_step, step_key, ckpt, writer, preempted, arrays)
         summary = {"steps": run.total_steps, **_final_evaluation(run, state, arrays)}
         if summary.get("knn_top1") is not None:
@@ -299,7 +299,7 @@ def _train_loop(run, state, start_step, step_key, ckpt, writer, preempted, array
         pending.append((step, metrics))
         done = step + 1
         writer.advance()
-        stop = _should_stop(preempted, done)
+        stop = should_stop(preempted, done)
         if done % config.log_every == 0 or done == run.total_steps or stop:
             rows = _fetch(replicas, pending, ckpt)
             pending = []
@@ -391,7 +391,7 @@ def knn_evaluate(run: Run, state: byol.ByolState, arrays=None) -> dict[str, floa
 # ---------------------------------------------------------------------------- preemption
 
 
-class _preemption_signal:
+class preemption_signal:
     """Context manager: a flag list set by SIGTERM, the handler restored on exit."""
 
     def __enter__(self):
@@ -410,7 +410,7 @@ class _preemption_signal:
         return False
 
 
-def _should_stop(flag: list[bool], step: int) -> bool:
+def should_stop(flag: list[bool], step: int) -> bool:
     """True on every process at the same step once a SIGTERM arrived (on one process)."""
     if jax.process_count() == 1:
         return bool(flag)

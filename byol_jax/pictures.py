@@ -109,9 +109,11 @@ def plot_retrieval(
             index = int(neighbours[row, col])
             label = int(bank_labels[index])
             colour = "green" if label == query_label and label >= 0 else "red"
-            title = f"{_name(label, class_names)}\ncos {similarities[row, col]:.2f}"
+            title = f"{_name(label, class_names)}\ncos {similarities[row, col]:.3f}"
             _show(axes[row, col + 1], bank_images[index], title, colour)
-    figure.suptitle(f"{k} nearest training images by cosine similarity of the representation")
+    figure.suptitle(
+        f"{k} nearest training images\n(cosine similarity of representations)", fontsize=9
+    )
     _save(figure, path)
     return figure
 
@@ -186,7 +188,7 @@ def _class_colours(num_classes: int):
 
 _ACCURACIES = (
     ("probe_top1", "online probe top-1", "-"),
-    ("knn_top1", "kNN top-1", "o"),
+    ("knn_top1", "kNN top-1", "o-"),
     ("knn_random_init_top1", "kNN top-1, random init", "x"),
 )
 
@@ -217,7 +219,7 @@ def plot_curves(rows: Sequence[dict], path: str | None = None) -> Figure | None:
     if accuracies:
         axes[1].set(xlabel="step", ylabel="top-1 (%)", title="accuracy")
         axes[1].grid(alpha=0.3)
-        axes[1].legend(fontsize=8, frameon=False)
+        axes[1].legend(fontsize=8, frameon=False, loc="lower right")
     _save(figure, path)
     return figure
 
@@ -280,7 +282,8 @@ def save_pictures(
                 learner, state, data, data.train_split, limit=bank_size, **common
             )
             rng = np.random.default_rng(seed)
-            rows = np.sort(rng.choice(len(queries["labels"]), num_queries, replace=False))
+            count = min(num_queries, len(queries["labels"]))
+            rows = np.sort(rng.choice(len(queries["labels"]), count, replace=False))
             index, similarity = nearest_neighbours(
                 bank["representations"], queries["representations"][rows], k
             )

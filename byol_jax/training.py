@@ -267,6 +267,9 @@ def train_and_evaluate(
     finally:
         writer.close()
         ckpt.close()
+        from byol_jax import pictures  # noqa: PLC0415 (matplotlib only when a run ends)
+
+        pictures.plot_training_curves(workdir)  # never raises; nothing without metrics
 
 
 def _train_loop(run, state, start_step, step_key, ckpt, writer, preempted, arrays):

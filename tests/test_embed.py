@@ -89,26 +89,34 @@ def _eval_split(data, split, image_size):
     )
     keep = np.concatenate([b["mask"] for b in batches])
     take = lambda key: np.concatenate([b[key] for b in batches])[keep]
-    return take("images"), take("labels"), take("file_names") if "file_names" in batches[0] else None
+    return (
+        take("images"),
+        take("labels"),
+        take("file_names") if "file_names" in batches[0] else None,
+    )
 
 
 def test_command_writes_one_row_per_input_equal_to_the_in_memory_state(trained, tmp_path):
     workdir, config, learner, state = trained
-    out = tmp_path / "test.npz"
-    # 360 test digits in batches of 100: the last batch has 40 padding rows to drop.
-    result = _embed_command("--workdir", workdir, "--out", out, "--projections", "--batch_size=100")
+    out = tmp_path / "train.npz"
+    # --data.* overrides the run's data: eval_split=train is the split embedded by default.
+    # 1437 training digits in batches of 100: the last batch has 63 padding rows to drop.
+    result = _embed_command(
+        "--workdir", workdir, "--out", out, "--projections", "--batch_size=100",
+        "--data.eval_split=train",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Embedded 360 examples of split 'test'" in result.stdout
+    assert "Embedded 1437 examples of split 'train'" in result.stdout
     written = np.load(out)
     assert sorted(written.files) == ["labels", "projections", "representations"]
 
-    images, labels, _ = _eval_split(config.data, "test", config.image_size)
+    images, labels, _ = _eval_split(config.data, "train", config.image_size)
     np.testing.assert_array_equal(written["labels"], labels)
-    np.testing.assert_array_equal(labels, input_pipeline._digits(16)["test"]["labels"])
+    np.testing.assert_array_equal(labels, input_pipeline._digits(16)["train"]["labels"])
     # The in-memory state, on the whole split in one call (a batch shape the command never used).
     projections, representations = learner.embed(state, images, return_projection=True)
-    assert written["representations"].shape == (360, 8)  # the tiny ResNet's pooled width
-    assert written["projections"].shape == (360, config.projection_size)
+    assert written["representations"].shape == (1437, 2 * config.num_filters)  # tiny: 2 stages
+    assert written["projections"].shape == (1437, config.projection_size)
     np.testing.assert_allclose(written["representations"], representations, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(written["projections"], projections, rtol=1e-5, atol=1e-6)
     assert np.std(written["representations"], axis=0).min() > 0  # rows differ: not one image
@@ -120,13 +128,16 @@ def test_restored_workdir_embeds_exactly_as_the_in_memory_state(trained):
     assert int(restored.step) == 3
     images = input_pipeline._digits(16)["train"]["images"][:50]
     np.testing.assert_array_equal(
-        np.asarray(restored_learner.embed(restored, images)), np.asarray(learner.embed(state, images))
+        np.asarray(restored_learner.embed(restored, images)),
+        np.asarray(learner.embed(state, images)),
     )
     ours = embed.embed_dataset(restored_learner, restored, config.data, "train", batch_size=64)
     np.testing.assert_allclose(
         ours["representations"][:50], learner.embed(state, images), rtol=1e-5, atol=1e-6
     )
-    assert ours["representations"].shape == (1437, 8) and "file_names" not in ours
+    assert (
+        ours["representations"].shape == (1437, 2 * config.num_filters) and "file_names" not in ours
+    )
 
 
 def _image_folder(root, images, labels):
@@ -137,21 +148,21 @@ def _image_folder(root, images, labels):
         Image.fromarray(image).save(target / f"{i:02d}.png")
 
 
-def test_folder_via_data_overrides_gives_file_names_in_order_to_npy(trained, tmp_path):
+def test_folder_gives_file_names_in_input_order_and_npy_files(trained, tmp_path):
     workdir, config, learner, state = trained
     digits = input_pipeline._digits(16)["test"]
     _image_folder(tmp_path / "images", digits["images"][:7], [0, 1, 0, 1, 1, 0, 2])
+    data = embed.data_config_for(config.data, folder=tmp_path / "images")
+    assert data.source == "folder" and data.image_key == config.data.image_key
+    # 7 files in batches of 4: one padding row.
+    arrays = embed.embed_dataset(learner, state, data, "test", batch_size=4)
     out = tmp_path / "out" / "folder.npy"
-    result = _embed_command(
-        "--workdir",
-        workdir,
-        "--out",
-        out,
-        "--data.source=folder",
-        f"--data.folder={tmp_path / 'images'}",
-        "--batch_size=4",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    written = embed.save_embeddings(str(out), arrays)
+    assert sorted(os.path.basename(p) for p in written) == [
+        "folder.file_names.npy",
+        "folder.labels.npy",
+        "folder.npy",
+    ]
     names = np.load(tmp_path / "out" / "folder.file_names.npy")
     # Sorted class folders, then sorted files: the order eval_batches reads.
     expected = [
@@ -164,9 +175,7 @@ def test_folder_via_data_overrides_gives_file_names_in_order_to_npy(trained, tmp
         "test/class2/06.png",
     ]
     assert names.tolist() == expected
-    data = embed.data_config_for(config.data, {"source": "folder"}, tmp_path / "images")
-    _, _, eval_names = _eval_split(data, "test", config.image_size)
-    assert eval_names.tolist() == expected
+    assert _eval_split(data, "test", config.image_size)[2].tolist() == expected
     np.testing.assert_array_equal(
         np.load(tmp_path / "out" / "folder.labels.npy"), [0, 0, 0, 1, 1, 1, 2]
     )
@@ -211,6 +220,6 @@ def test_limit_and_kept_images_follow_the_input_order(trained):
         learner, state, config.data, "test", batch_size=32, limit=40, keep_images=True
     )
     digits = input_pipeline._digits(16)["test"]
-    assert first["representations"].shape == (40, 8)
+    assert first["representations"].shape == (40, 2 * config.num_filters)
     np.testing.assert_array_equal(first["images"], digits["images"][:40])
     np.testing.assert_array_equal(first["labels"], digits["labels"][:40])

@@ -142,13 +142,15 @@ class Replicas:
             views = images.ndim == (6 if self.mode == "pmap" else 5) and images.shape[-5] == 2
             cache_key = (fn, views, labels is not None, donate)
             if cache_key not in self._compiled:
-                self._compiled[cache_key] = self._mapped(fn, views, labels is not None, donate)
+                self._compiled[cache_key] = self.mapped(fn, views, labels is not None, donate)
             args = (state, images, key) if labels is None else (state, images, key, labels)
             return self._compiled[cache_key](*args)
 
         return call
 
-    def _mapped(self, fn, views, with_labels, donate):
+    def mapped(self, fn, views=False, with_labels=False, donate=(0,)):
+        """The jax.pmap / jit(shard_map) of ``fn`` itself (``map`` caches these), e.g. to
+        ``.lower(...).compile()`` ahead of time and read XLA's cost analysis."""
         if self.mode == "pmap":
             in_axes = (0, 0, None, 0) if with_labels else (0, 0, None)
             return jax.pmap(fn, axis_name=self.axis_name, in_axes=in_axes, donate_argnums=donate)

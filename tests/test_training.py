@@ -112,6 +112,11 @@ def test_quickstart_runs_end_to_end_and_prints_both_knn_figures(tmp_path):
     assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in rows if "loss" in r)
     assert list((tmp_path / "tensorboard").iterdir()), "no TensorBoard event file"
     assert json.loads((tmp_path / "config.json").read_text())["encoder"] == "tiny"
+    from PIL import Image
+
+    with Image.open(tmp_path / "training_curves.png") as curves:  # promised at the end of a run
+        curves.verify()
+        assert curves.size[0] > 300
 
 
 @pytest.mark.slow

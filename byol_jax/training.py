@@ -314,6 +314,9 @@ def _train_loop(run, state, start_step, step_key, ckpt, writer, preempted, array
             _fetch(replicas, pending, ckpt)  # never save a state that went non-finite
             pending = []
             ckpt.save(done, jax.device_get(replicas.unreplicate(rstate)), force=stop)
+        if config.knn_every > 0 and done % config.knn_every == 0 and done < run.total_steps:
+            _knn_monitor(run, replicas.unreplicate(rstate), done, writer, arrays)
+            throughput(0)  # the monitor's time is not training time
         if stop:
             ckpt.wait_until_finished()
             log.warning(
@@ -343,6 +346,14 @@ def _fetch(replicas, pending, ckpt) -> list[dict]:
             )
         rows.append(row)
     return rows
+
+
+def _knn_monitor(run, state, step, writer, arrays) -> None:
+    """kNN top-1/top-5 of the current online representation, written as metrics."""
+    if not run.info.get("num_classes"):
+        return
+    accuracy = knn_evaluate(run, state, arrays)
+    writer.write(step, {f"knn_{k}": v for k, v in accuracy.items()})
 
 
 def _sample(config) -> np.ndarray:

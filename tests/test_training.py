@@ -92,6 +92,7 @@ def test_quickstart_runs_end_to_end_and_prints_both_knn_figures(tmp_path):
             "--config.batch_size=32",
             "--config.log_every=3",
             "--config.checkpoint_every=3",
+            "--config.knn_every=3",
         ),
         env=_env(),
         capture_output=True,
@@ -109,6 +110,7 @@ def test_quickstart_runs_end_to_end_and_prints_both_knn_figures(tmp_path):
     )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [3, 6]
+    assert [r["step"] for r in rows if "knn_top1" in r] == [3, 6]  # the monitor, then the end
     assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in rows if "loss" in r)
     assert list((tmp_path / "tensorboard").iterdir()), "no TensorBoard event file"
     assert json.loads((tmp_path / "config.json").read_text())["encoder"] == "tiny"

@@ -412,6 +412,7 @@ class BYOL:
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
             new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
             new_state = new_state.replace(step=state.step + 1)
+            metrics["param_norm"] = _global_norm(new_state.online_params)  # of the kept state
             metrics["skipped"] = 1 - finite.astype(jnp.int32)
         return new_state, metrics
 

@@ -26,6 +26,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -38,6 +39,7 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+PRUNED = ".pruned"
 _CHECKSUMS = "byol_jax_checksums"
 _DAMAGED_SUFFIX = ".damaged"
 
@@ -233,6 +235,9 @@ class Checkpointer:
             read_only=read_only,
             create=not read_only,
             cleanup_tmp_directories=not read_only,
+            # Pruning an old step is then one atomic rename into PRUNED (a kill can no longer
+            # leave a half-deleted step that still looks like a checkpoint); we empty it.
+            todelete_subdir=None if read_only else PRUNED,
         )
         try:
             self._manager = ocp.CheckpointManager(
@@ -240,6 +245,13 @@ class Checkpointer:
             )
         except OSError as e:
             raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {e}") from e
+        if not read_only:
+            self._empty_pruned()
+
+    def _empty_pruned(self):
+        """Delete the steps orbax pruned (process 0; a kill midway is harmless)."""
+        if jax.process_index() == 0:
+            shutil.rmtree(os.path.join(self.directory, PRUNED), ignore_errors=True)
 
     # -- context manager
     def __enter__(self):
@@ -271,6 +283,8 @@ class Checkpointer:
         """
         if self.read_only:
             raise CheckpointError(f"Checkpointer on {self.directory} is read-only: cannot save")
+        self.wait_until_finished()  # the previous save, and its pruning, are done
+        self._empty_pruned()
         latest = self.latest_step()
         if latest is not None and step == latest:
             return False
@@ -305,6 +319,8 @@ class Checkpointer:
         """Waits for the pending save, then releases orbax's threads."""
         try:
             self.wait_until_finished()
+            if not self.read_only:
+                self._empty_pruned()
         finally:
             self._manager.close()
 

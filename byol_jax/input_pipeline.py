@@ -211,6 +211,27 @@ def dataset_info(data: ml_collections.ConfigDict, arrays: Mapping | None = None)
     return _info(counts, num_classes, None, (8, 8, 1) if source == "digits" else shape)
 
 
+def check_data_config(data: ml_collections.ConfigDict) -> None:
+    """Clear errors for data settings out of range (ranges, probabilities, the source)."""
+    _source(data)
+    low, high = data.crop_area
+    if not 0 < low <= high <= 1:
+        raise ValueError(
+            f"data.crop_area must satisfy 0 < low <= high <= 1, got {tuple(data.crop_area)}."
+        )
+    low, high = data.crop_ratio
+    if not 0 < low <= high:
+        raise ValueError(
+            f"data.crop_ratio must satisfy 0 < low <= high, got {tuple(data.crop_ratio)}."
+        )
+    if not 0 <= data.flip_p <= 1:
+        raise ValueError(f"data.flip_p must be a probability in [0, 1], got {data.flip_p}.")
+    if not 0 < data.eval_crop_fraction <= 1:
+        raise ValueError(
+            f"data.eval_crop_fraction must be in (0, 1], got {data.eval_crop_fraction}."
+        )
+
+
 def probe_split(data: ml_collections.ConfigDict) -> str:
     """The labelled split the linear probe trains on: `data.probe_split` or `data.train_split`."""
     return data.probe_split or data.train_split

@@ -44,7 +44,9 @@ class MetricWriter:
         from tensorboardX import SummaryWriter  # noqa: PLC0415 (only process 0 needs it)
 
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        path = os.path.join(workdir, "metrics.jsonl")
+        _truncate_after(path, start_step)  # a resumed run writes those steps again
+        self._jsonl = open(path, "a")  # noqa: SIM115
         if progress_bar:
             from tqdm import tqdm  # noqa: PLC0415
 
@@ -78,6 +80,18 @@ class MetricWriter:
             self._bar.close()
         self._tb.close()
         self._jsonl.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Keep the rows of ``path`` up to ``step`` (atomically: temp file, then rename)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def _fmt(value: float) -> str:

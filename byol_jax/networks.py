@@ -193,6 +193,13 @@ def encoder_by_name(name: str, **kwargs) -> nn.Module:
     )
 
 
+def total_stride(encoder: nn.Module) -> int:
+    """How much a ResNet downsamples its input (1 for other modules: unknown)."""
+    if not isinstance(encoder, ResNet):
+        return 1
+    return (1 if encoder.cifar_stem else 4) * 2 ** (len(encoder.stage_sizes) - 1)
+
+
 class MLP(nn.Module):
     """BYOL projector / predictor: Dense -> BatchNorm -> ReLU -> Dense. [N, D] -> [N, out]."""
 

@@ -172,6 +172,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, arrays: Mapping | Non
     check_workdir(workdir)
     replicas = parallel.Replicas(config.parallel, byol.DEFAULT_AXIS)
     replicas.check_batch_size(config.batch_size)
+    input_pipeline.check_data_config(config.data)
     info = input_pipeline.dataset_info(config.data, arrays)
     num_train = info["num_examples"].get(config.data.train_split)
     if not num_train:
@@ -184,8 +185,22 @@ def setup(config: ml_collections.ConfigDict, workdir: str, arrays: Mapping | Non
         config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
     )
     learner = build_learner(config, total_steps, info.get("num_classes"))
+    _check_encoder_input(config, learner)
     tx = build_optimizer(config, total_steps, steps_per_epoch)
     return Run(config, learner, tx, replicas, total_steps, steps_per_epoch, info)
+
+
+def _check_encoder_input(config, learner) -> None:
+    """Images must survive the encoder's downsampling, and hidden_layer must exist."""
+    stride = networks.total_stride(learner.encoder)
+    if config.image_size < stride:
+        raise ValueError(
+            f"image_size {config.image_size} is smaller than the total stride {stride} of "
+            f"{config.encoder}{' (3x3 stem)' if config.cifar_stem else ''}: use images of at "
+            f"least {stride} px, or cifar_stem=True for small images."
+        )
+    if config.hidden_layer is not None:  # resolves the path by tracing only: a clear error now
+        learner._resolve_hidden_path(jax.ShapeDtypeStruct(_sample(config).shape, jnp.float32))
 
 
 def check_workdir(workdir: str) -> None:
@@ -209,12 +224,18 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         "projection_size",
         "projection_hidden_size",
         "eval_batch_size",
+        "width_multiplier",
+        "num_filters",
     )
     for name in positive:
         if config[name] <= 0:
             raise ValueError(f"config.{name} must be positive, got {config[name]}.")
     if config.total_steps <= 0 and config.num_epochs <= 0:
         raise ValueError("set config.total_steps or config.num_epochs to a positive number.")
+    if config.base_learning_rate < 0:
+        raise ValueError(
+            f"config.base_learning_rate must be >= 0, got {config.base_learning_rate}."
+        )
     if not 0.0 <= config.base_tau <= 1.0:
         raise ValueError(f"config.base_tau must be in [0, 1], got {config.base_tau}.")
     if config.batch_size < 2:
@@ -306,7 +327,7 @@ def _train_loop(run, state, start_step, step_key, ckpt, writer, preempted, array
         if done % config.log_every == 0 or done == run.total_steps or stop:
             rows = _fetch(replicas, pending, ckpt)
             pending = []
-            summary = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
+            summary = _summarise(rows)
             summary["images_per_s"] = throughput(done - last_logged)
             last_logged = done
             writer.write(done, summary)
@@ -329,11 +350,23 @@ def _train_loop(run, state, start_step, step_key, ckpt, writer, preempted, array
     return jax.device_get(replicas.unreplicate(rstate))
 
 
+def _summarise(rows: list[dict]) -> dict:
+    """Means over the logging interval of the steps that ran; skipped steps are counted."""
+    kept = [r for r in rows if not r.get("skipped")] or rows
+    summary = {k: float(np.mean([r[k] for r in kept])) for k in rows[-1]}
+    if "skipped" in rows[-1]:
+        summary["skipped"] = float(sum(r["skipped"] for r in rows))
+    return summary
+
+
 def _fetch(replicas, pending, ckpt) -> list[dict]:
     """Host copies of pending step metrics; stops the run at the first non-finite loss."""
     rows = []
     for step, metrics in pending:
         row = replicas.fetch(metrics)
+        if row.get("skipped"):  # skip_nonfinite_steps kept the old state: count, don't stop
+            rows.append(row)
+            continue
         if not (math.isfinite(row["loss"]) and math.isfinite(row["param_norm"])):
             ckpt.wait_until_finished()
             last = ckpt.latest_step()

@@ -7,8 +7,8 @@ A tiny model (the quickstart config shrunk) trains in a subprocess of
 
 * ``launch``: a random delay after the start (imports, compilation, restore);
 * ``training``: a random delay after the life wrote its first metrics line;
-* ``checkpoint``: the instant an orbax write is in flight (a ``*.orbax-checkpoint-tmp*``
-  directory exists in ``workdir/checkpoints``).
+* ``checkpoint``: the instant the life's 1st, 2nd or 3rd orbax write is in flight (a
+  ``*.orbax-checkpoint-tmp*`` directory exists in ``workdir/checkpoints``).
 
 After every kill each checkpoint left on disk must restore, checksums included; the next life
 must resume from the newest of them. The finished run must end at the same step with a
@@ -55,6 +55,8 @@ class Life:
     resumed_from: int | None  # the step its stderr says it resumed from
     steps_on_disk: list[int]  # restorable checkpoints after it ended
     survived: bool  # the next start sees a consistent directory (see `check_directory`)
+    in_flight: list[str] = dataclasses.field(default_factory=list)  # tmp writes the kill cut
+    damaged: dict[int, str] = dataclasses.field(default_factory=dict)  # unrestorable steps
     note: str = ""
 
 
@@ -72,13 +74,15 @@ def train_env(devices: int = 8) -> dict[str, str]:
     return env
 
 
-def train_command(workdir, total_steps: int, checkpoint_every: int, *extra: str) -> list[str]:
+def train_command(
+    workdir, total_steps: int, checkpoint_every: int, *extra: str, config_file=None
+) -> list[str]:
     return [
         sys.executable,
         "-m",
         "byol_jax.train",
         "--config",
-        str(REPO / "configs" / "quickstart.py"),
+        str(config_file or REPO / "configs" / "quickstart.py"),
         "--workdir",
         str(workdir),
         *TINY,
@@ -91,7 +95,9 @@ def train_command(workdir, total_steps: int, checkpoint_every: int, *extra: str)
 def tmp_checkpoints(workdir) -> list[str]:
     """Names of orbax writes in flight (or left by a kill) in ``workdir/checkpoints``."""
     try:
-        return [e.name for e in os.scandir(pathlib.Path(workdir) / "checkpoints") if "tmp" in e.name]
+        return [
+            e.name for e in os.scandir(pathlib.Path(workdir) / "checkpoints") if "tmp" in e.name
+        ]
     except FileNotFoundError:
         return []
 
@@ -113,20 +119,31 @@ def _wait_for(process, condition, timeout: float, poll: float) -> bool:
     return False
 
 
-def run_and_kill(command, env, workdir, moment: str, rng: random.Random, launch_window: float):
+def run_and_kill(
+    command, env, workdir, moment: str, rng: random.Random, launch_window: float, window=2.0
+):
     """Starts one life and SIGKILLs it at `moment`; returns (killed, returncode, stderr)."""
     log_path = pathlib.Path(workdir).parent / f"{pathlib.Path(workdir).name}.life.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
         lines = _metric_lines(workdir)
-        if moment == "launch":
-            _wait_for(process, lambda: False, rng.uniform(0.0, launch_window), 0.01)
+        if moment == "launch":  # a random moment before this life's first step
+            _wait_for(
+                process, lambda: _metric_lines(workdir) > lines, rng.uniform(0, launch_window), 0.01
+            )
         elif moment == "training":
             if _wait_for(process, lambda: _metric_lines(workdir) > lines, 300, 0.02):
-                _wait_for(process, lambda: False, rng.uniform(0.0, 1.0), 0.01)
-        else:  # 'checkpoint': the moment a new write is in flight (not a killed life's leftover)
-            leftover = set(tmp_checkpoints(workdir))
-            _wait_for(process, lambda: bool(set(tmp_checkpoints(workdir)) - leftover), 300, 0.001)
+                _wait_for(process, lambda: False, rng.uniform(0.0, window), 0.01)
+        else:  # 'checkpoint': while the n-th write of this life is in flight (n in 1..3)
+            leftover, seen, wanted = set(tmp_checkpoints(workdir)), set(), rng.randint(1, 3)
+
+            def nth_write_in_flight():
+                now = set(tmp_checkpoints(workdir))
+                leftover.intersection_update(now)  # a killed life's write, until it is deleted
+                seen.update(now - leftover)
+                return len(seen) >= wanted and bool(now - leftover)
+
+            _wait_for(process, nth_write_in_flight, 300, 0.001)
         killed = process.poll() is None
         if killed:
             process.send_signal(signal.SIGKILL)
@@ -137,9 +154,10 @@ def run_and_kill(command, env, workdir, moment: str, rng: random.Random, launch_
 # ------------------------------------------------------------------------------ checking
 
 
-def load_config(total_steps: int, checkpoint_every: int):
-    """The quickstart config as ``train_command`` overrides it."""
-    spec = importlib.util.spec_from_file_location("quickstart", REPO / "configs" / "quickstart.py")
+def load_config(total_steps: int, checkpoint_every: int, config_file=None):
+    """The quickstart config (or `config_file`) as ``train_command`` overrides it."""
+    path = config_file or REPO / "configs" / "quickstart.py"
+    spec = importlib.util.spec_from_file_location("quickstart", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
@@ -212,6 +230,14 @@ class Report:
         return sum(life.killed and life.survived for life in self.lives)
 
     @property
+    def cut_writes(self) -> int:
+        return sum(bool(life.in_flight) for life in self.lives if life.killed)
+
+    @property
+    def left_damaged(self) -> int:
+        return sum(bool(life.damaged) for life in self.lives if life.killed)
+
+    @property
     def ok(self) -> bool:
         finished = self.lives and self.lives[-1].returncode == 0
         return bool(
@@ -228,6 +254,8 @@ class Report:
                 f"kills survived: {self.survived} / {self.kills} "
                 f"(at launch {moments['launch']}, training {moments['training']}, "
                 f"checkpoint write {moments['checkpoint']}); {len(self.lives)} starts, "
+                f"{self.cut_writes} kills cut a write, {self.left_damaged} left an older step "
+                "unrestorable (never read: a newer one was good), "
                 f"{self.seconds:.0f} s",
                 f"final step: {self.final_step} (expected {self.expected_step}); "
                 f"bit-identical to the uninterrupted run: "
@@ -236,22 +264,47 @@ class Report:
         )
 
 
-def check_directory(workdir, template, resumed_from, expected_resume) -> tuple[bool, list, str]:
-    """After a life ended: every checkpoint restores, and the life resumed where it should."""
-    try:
-        steps = sorted(restore_all(workdir, template))
-    except Exception as error:  # a damaged or unreadable checkpoint: the kill was not survived
-        return False, [], f"{type(error).__name__}: {str(error)[:300]}"
+def restore_each(workdir, template) -> tuple[dict[int, object], dict[int, str]]:
+    """({step: state} of the checkpoints that restore with their checksums, {step: why not}
+    for the others)."""
+    from byol_jax import checkpoint  # noqa: PLC0415
+
+    directory = pathlib.Path(workdir) / "checkpoints"
+    if not directory.exists():
+        return {}, {}
+    good, damaged = {}, {}
+    with checkpoint.Checkpointer(directory, read_only=True) as reader:
+        for step in reader.all_steps():
+            try:
+                good[step] = reader.restore(step, template)
+            except checkpoint.CheckpointError as error:
+                damaged[step] = str(error)[:300]
+    return good, damaged
+
+
+def check_directory(workdir, template, resumed_from, expected_resume):
+    """After a life ended: (survived, restorable steps, damaged steps, note). Survived: the
+    newest checkpoint restores (the next start resumes from it) and this life resumed from
+    the newest one the previous life left. Older damaged steps are reported, not fatal: the
+    next start never reads them while a newer one is good."""
+    states, damaged = restore_each(workdir, template)
+    good = sorted(states)
+    newest_damaged = damaged and (not good or max(damaged) > max(good))
+    if newest_damaged:
+        return False, good, damaged, f"newest checkpoint damaged: {damaged}"
     if resumed_from is not None and resumed_from != expected_resume:
-        return False, steps, f"resumed from {resumed_from}, the newest checkpoint was {expected_resume}"
-    return True, steps, ""
+        note = f"resumed from {resumed_from}, the newest checkpoint was {expected_resume}"
+        return False, good, damaged, note
+    return True, good, damaged, f"older damaged: {damaged}" if damaged else ""
 
 
-def reference_run(workdir, total_steps, checkpoint_every, env) -> tuple[float, float]:
+def reference_run(
+    workdir, total_steps, checkpoint_every, env, config_file=None
+) -> tuple[float, float]:
     """The uninterrupted run; returns (seconds to its first metrics line, total seconds)."""
     shutil.rmtree(workdir, ignore_errors=True)
     start = time.monotonic()
-    command = train_command(workdir, total_steps, checkpoint_every)
+    command = train_command(workdir, total_steps, checkpoint_every, config_file=config_file)
     with open(f"{workdir}.log", "w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
         _wait_for(process, lambda: _metric_lines(workdir) > 0, 600, 0.05)
@@ -270,33 +323,54 @@ def inject_faults(
     seed: int = 0,
     devices: int = 8,
     moments: tuple[str, ...] = MOMENTS,
+    straight=None,
+    config_file=None,
+    training_window: float = 2.0,
     verbose: bool = True,
 ) -> Report:
-    """Runs the experiment in `root` (``root/straight`` and ``root/killed``)."""
+    """Runs the experiment in `root/killed`, against the uninterrupted run in `straight`
+    (default: run one in `root/straight`) of the same `total_steps`, `checkpoint_every` and
+    `config_file` (default: a copy of configs/quickstart.py, so edits meanwhile change nothing).
+    'training' kills land up to `training_window` seconds after a life's first step."""
     root = pathlib.Path(root)
     root.mkdir(parents=True, exist_ok=True)
     env, rng = train_env(devices), random.Random(seed)
     start = time.monotonic()
-    first_metric, _ = reference_run(root / "straight", total_steps, checkpoint_every, env)
-    config = load_config(total_steps, checkpoint_every)
+    # Every life of one experiment reads the same config, even if configs/ is edited meanwhile.
+    if config_file is None:
+        config_file = root / "config.py"
+        shutil.copy(REPO / "configs" / "quickstart.py", config_file)
+    first_metric = 10.0  # seconds to the first step: the window of 'launch' kills
+    if straight is None:
+        straight = root / "straight"
+        first_metric, _ = reference_run(straight, total_steps, checkpoint_every, env, config_file)
+    config = load_config(total_steps, checkpoint_every, config_file)
     template = template_state(config, root / "scratch")
     workdir = root / "killed"
     shutil.rmtree(workdir, ignore_errors=True)
-    command = train_command(workdir, total_steps, checkpoint_every)
+    command = train_command(workdir, total_steps, checkpoint_every, config_file=config_file)
     lives: list[Life] = []
     newest = None  # the newest restorable checkpoint before the next start
     while sum(life.killed for life in lives) < kills:
         moment = moments[len(lives) % len(moments)]
-        killed, rc, log = run_and_kill(command, env, workdir, moment, rng, 1.2 * first_metric)
+        killed, rc, log = run_and_kill(
+            command, env, workdir, moment, rng, 0.8 * first_metric, training_window
+        )
         resumed = _RESUMED.search(log)
         resumed_from = int(resumed.group(1)) if resumed else None
-        survived, steps, note = check_directory(workdir, template, resumed_from, newest)
+        survived, steps, damaged, note = check_directory(workdir, template, resumed_from, newest)
         if not killed and rc != 0:
             survived, note = False, f"exit {rc}: {log[-500:]}"
-        lives.append(Life(moment, killed, rc, resumed_from, steps, survived, note))
+        in_flight = tmp_checkpoints(workdir) if killed else []
+        lives.append(
+            Life(moment, killed, rc, resumed_from, steps, survived, in_flight, damaged, note)
+        )
         if verbose:
-            print(f"  {moment:10s} killed={killed} rc={rc} resumed_from={resumed_from} "
-                  f"on_disk={steps[-3:]} tmp={tmp_checkpoints(workdir)} {note}", flush=True)
+            print(
+                f"  {moment:10s} killed={killed} rc={rc} resumed_from={resumed_from} "
+                f"on_disk={steps[-3:]} cut_writes={in_flight} {note}",
+                flush=True,
+            )
         newest = steps[-1] if steps else None
         if not killed or not survived:
             break  # the run finished (or broke) before the next kill
@@ -304,12 +378,12 @@ def inject_faults(
         rc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
         resumed = _RESUMED.search(rc.stderr)
         resumed_from = int(resumed.group(1)) if resumed else None
-        survived, steps, note = check_directory(workdir, template, resumed_from, newest)
+        survived, steps, damaged, note = check_directory(workdir, template, resumed_from, newest)
         if rc.returncode != 0:
             survived, note = False, rc.stderr[-500:]
-        lives.append(Life("finish", False, rc.returncode, resumed_from, steps, survived, note))
-    straight = restore_all(root / "straight", template)
-    final = restore_all(workdir, template)
+        lives.append(Life("finish", False, rc.returncode, resumed_from, steps, survived, note=note))
+    straight = restore_all(straight, template)
+    final, _ = restore_each(workdir, template)
     final_step = max(final) if final else None
     differing = (
         bit_identical(straight[total_steps], final[final_step])

@@ -18,7 +18,6 @@ checkpointing every ``--checkpoint_every``. A thread samples the process's resid
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -26,6 +25,8 @@ import shutil
 import sys
 import threading
 import time
+
+from byol_jax import testing
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -60,19 +61,14 @@ class MemorySampler(threading.Thread):
 
 def soak_config(steps: int, log_every: int, checkpoint_every: int):
     """The quickstart config shrunk to a tiny model, for `steps` steps."""
-    spec = importlib.util.spec_from_file_location("quickstart", REPO / "configs" / "quickstart.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.encoder = "tiny"
-    config.projection_hidden_size = 32
-    config.projection_size = 16
-    config.batch_size = 16
-    config.total_steps = steps
-    config.log_every = log_every
-    config.checkpoint_every = checkpoint_every
-    config.knn_at_end = False
-    config.progress_bar = False
+    config = testing.load_config(
+        "quickstart",
+        ("batch_size", 16),
+        ("total_steps", steps),
+        ("log_every", log_every),
+        ("checkpoint_every", checkpoint_every),
+        ("knn_at_end", False),
+    )
     # The quickstart recipe's schedules and optimiser, stated so a config change shows here.
     config.optimizer, config.lr_schedule, config.tau_schedule = "lars", "cosine", "cosine"
     return config

@@ -2,7 +2,6 @@
 and message) before anything is compiled or written, and leave no half-written file."""
 
 import errno
-import importlib.util
 import pathlib
 
 import jax
@@ -11,26 +10,23 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from byol_jax import augment, byol, checkpoint, input_pipeline, networks, parallel, training
+from byol_jax import (
+    augment,
+    byol,
+    checkpoint,
+    input_pipeline,
+    networks,
+    parallel,
+    testing,
+    training,
+)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _config(*overrides):
     """configs/quickstart.py shrunk to a tiny model, with (dotted key, value) overrides."""
-    spec = importlib.util.spec_from_file_location("quickstart", REPO / "configs" / "quickstart.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.encoder, config.projection_hidden_size, config.projection_size = "tiny", 32, 16
-    config.batch_size, config.progress_bar = 16, False
-    for key, value in overrides:
-        *path, last = key.split(".")
-        target = config
-        for part in path:
-            target = target[part]
-        target[last] = value
-    return config
+    return testing.load_config("quickstart", ("batch_size", 16), *overrides)
 
 
 def _setup(*overrides):

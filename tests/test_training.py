@@ -1,9 +1,7 @@
 """The training program end to end: configs, tfds mock data, resume after SIGKILL, a
 two-process cluster, and the errors a bad config gets before anything compiles."""
 
-import importlib.util
 import json
-import os
 import pathlib
 import signal
 import socket
@@ -16,45 +14,14 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from byol_jax import checkpoint, training
+from byol_jax import checkpoint, testing, training
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-TINY = [
-    "--config.encoder=tiny",
-    "--config.projection_hidden_size=32",
-    "--config.projection_size=16",
-    "--config.progress_bar=False",
-]
+TINY = testing.TINY_FLAGS
 
 
-def _load(name, *overrides):
-    """A config file with command-line style overrides, as train.py would see it."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.encoder = "tiny"
-    config.projection_hidden_size = 32
-    config.projection_size = 16
-    config.progress_bar = False
-    for key, value in overrides:
-        target = config
-        *path, last = key.split(".")
-        for part in path:
-            target = target[part]
-        target[last] = value
-    return config
-
-
-def _env(devices=8):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_COMPILATION_CACHE_DIR"] = str(REPO / ".cache" / "jax")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+_load = testing.load_config  # configs/<name>.py, tiny, with (dotted key, value) overrides
+_env = testing.subprocess_env
 
 
 def _train_command(workdir, *args):

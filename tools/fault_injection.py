@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import pathlib
 import random
@@ -31,17 +30,12 @@ import subprocess
 import sys
 import time
 
+from byol_jax import testing
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 MOMENTS = ("launch", "training", "checkpoint")
-TINY = (
-    "--config.encoder=tiny",
-    "--config.projection_hidden_size=32",
-    "--config.projection_size=16",
-    "--config.batch_size=16",
-    "--config.knn_at_end=False",
-    "--config.progress_bar=False",
-    "--config.log_every=1",
-)
+FIXED = {"batch_size": 16, "knn_at_end": False, "log_every": 1}
+TINY = (*testing.TINY_FLAGS, *(f"--config.{k}={v}" for k, v in FIXED.items()))
 _RESUMED = re.compile(r"Resuming from the checkpoint of step (\d+)")
 
 
@@ -64,14 +58,7 @@ class Life:
 
 
 def train_env(devices: int = 8) -> dict[str, str]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_COMPILATION_CACHE_DIR"] = str(REPO / ".cache" / "jax")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return testing.subprocess_env(devices)
 
 
 def train_command(
@@ -156,17 +143,12 @@ def run_and_kill(
 
 def load_config(total_steps: int, checkpoint_every: int, config_file=None):
     """The quickstart config (or `config_file`) as ``train_command`` overrides it."""
-    path = config_file or REPO / "configs" / "quickstart.py"
-    spec = importlib.util.spec_from_file_location("quickstart", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for flag in (*TINY, f"--config.total_steps={total_steps}"):
-        name, value = flag.removeprefix("--config.").split("=")
-        kind = type(config[name])
-        config[name] = value == "True" if kind is bool else kind(value)
-    config.checkpoint_every = checkpoint_every
-    return config
+    return testing.load_config(
+        config_file or "quickstart",
+        ("total_steps", total_steps),
+        ("checkpoint_every", checkpoint_every),
+        *FIXED.items(),
+    )
 
 
 def template_state(config, scratch):

@@ -54,6 +54,9 @@ def config_for(args, folder):
     config.total_steps = args.steps
     config.warmup_epochs = args.warmup_epochs
     config.base_learning_rate = args.lr
+    config.optimizer = args.optimizer
+    config.tau_schedule = args.tau_schedule
+    config.base_tau = args.base_tau
     config.log_every = 50
     config.checkpoint_every = max(args.steps // 4, 1)
     config.knn_k = 200
@@ -72,8 +75,11 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--encoder", default="resnet18")
     p.add_argument("--num-filters", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1.0, help="base learning rate per 256 images (LARS)")
+    p.add_argument("--lr", type=float, default=1.0, help="base learning rate per 256 images")
     p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--optimizer", default="lars", choices=["lars", "adam", "adamw", "sgd"])
+    p.add_argument("--tau-schedule", default="cosine", choices=["cosine", "constant"])
+    p.add_argument("--base-tau", type=float, default=0.99)
     p.add_argument("--data-dir", default="/tmp/byol_jax_data")
     p.add_argument("--workdir", default="/tmp/byol_jax_quality")
     args = p.parse_args(argv)

@@ -55,10 +55,7 @@ class BasicBlock(nn.Module):
         y = nn.relu(norm()(y))
         y = conv(self.filters, (3, 3), padding=1)(y)
         y = norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
-        if residual.shape != y.shape:
-            residual = conv(self.filters, (1, 1), self.strides, name="shortcut_conv")(residual)
-            residual = norm(name="shortcut_bn")(residual)
-        return nn.relu(residual + y)
+        return nn.relu(_shortcut(residual, y, self.strides, conv, norm) + y)
 
 
 class BottleneckBlock(nn.Module):
@@ -80,10 +77,15 @@ class BottleneckBlock(nn.Module):
         y = nn.relu(norm()(conv(self.filters, (3, 3), self.strides, padding=1)(y)))
         y = conv(self.filters * 4, (1, 1))(y)
         y = norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
-        if residual.shape != y.shape:
-            residual = conv(self.filters * 4, (1, 1), self.strides, name="shortcut_conv")(residual)
-            residual = norm(name="shortcut_bn")(residual)
-        return nn.relu(residual + y)
+        return nn.relu(_shortcut(residual, y, self.strides, conv, norm) + y)
+
+
+def _shortcut(x, y, strides, conv, norm):
+    """The residual branch: x itself, or a strided 1x1 projection where the shapes differ."""
+    if x.shape == y.shape:
+        return x
+    x = conv(y.shape[-1], (1, 1), strides, name="shortcut_conv")(x)
+    return norm(name="shortcut_bn")(x)
 
 
 def _last_scale_init(zero: bool):

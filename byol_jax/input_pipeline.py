@@ -271,10 +271,6 @@ def _tf():
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError:  # TensorFlow's devices were already initialised by someone else
         logging.warning("input_pipeline: could not hide GPUs from TensorFlow")
-    # tf.data traces our map functions with AutoGraph, which warns about closures it leaves
-    # as they are; they are plain TensorFlow ops, so the warnings are noise.
-    tf.autograph.set_verbosity(0)
-    tf.get_logger().setLevel(logging.ERROR)
     return tf
 
 

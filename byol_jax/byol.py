@@ -447,7 +447,7 @@ class BYOL:
             logits = self.probe.apply(
                 {"params": online_params["probe"]}, jax.lax.stop_gradient(rep1)
             )
-            probe_loss, probe_metrics = _probe_loss(logits, labels, self.num_classes)
+            probe_loss, probe_metrics = _probe_loss(logits, labels)
             total = total + probe_loss
             metrics.update(probe_metrics)
         return total, (online_stats, target_stats, metrics)
@@ -569,7 +569,7 @@ def _check_images(images, *, train: bool, channels: int | None = None, replicas:
     return images
 
 
-def _probe_loss(logits, labels, num_classes):
+def _probe_loss(logits, labels):
     """Mean cross-entropy over labelled rows, and the sums the step reports."""
     labelled = labels >= 0
     xent = optax.softmax_cross_entropy_with_integer_labels(

@@ -267,11 +267,6 @@ class Checkpointer:
         """The newest finished checkpoint's step (not checked for damage), or None."""
         return self._manager.latest_step()
 
-    def reached_preemption(self, step: int) -> bool:
-        """True once the cluster asks this job to stop (needs `jax.distributed.initialize()`):
-        save with `force=True` at `step`, then exit."""
-        return self._manager.reached_preemption(step)
-
     def save(self, step: int, state, *, force: bool = False) -> bool:
         """Starts writing `state` as checkpoint `step`; returns whether a save was started.
 

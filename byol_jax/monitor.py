@@ -5,6 +5,7 @@ Only process 0 writes; the others get a silent writer, so callers never branch o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -108,6 +109,13 @@ class Throughput:
     def __init__(self, images_per_step: int):
         self.images_per_step = images_per_step
         self._time = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside does not count towards the next rate."""
+        start = time.perf_counter()
+        yield
+        self._time += time.perf_counter() - start
 
     def __call__(self, steps: int) -> float:
         now = time.perf_counter()

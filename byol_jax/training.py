@@ -336,8 +336,8 @@ def _train_loop(run, state, start_step, step_key, ckpt, writer, preempted, array
             pending = []
             ckpt.save(done, jax.device_get(replicas.unreplicate(rstate)), force=stop)
         if config.knn_every > 0 and done % config.knn_every == 0 and done < run.total_steps:
-            _knn_monitor(run, replicas.unreplicate(rstate), done, writer, arrays)
-            throughput(0)  # the monitor's time is not training time
+            with throughput.paused():  # the monitor's time is not training time
+                _knn_monitor(run, replicas.unreplicate(rstate), done, writer, arrays)
         if stop:
             ckpt.wait_until_finished()
             log.warning(

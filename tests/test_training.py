@@ -315,3 +315,14 @@ def test_nonfinite_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
     assert max(saved) == 4
     _, online, target = _final_params(tmp_path)  # the newest checkpoint holds finite numbers
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves((online, target)))
+
+
+def test_throughput_excludes_paused_time():
+    from byol_jax import monitor
+
+    throughput = monitor.Throughput(images_per_step=100)
+    with throughput.paused():
+        time.sleep(0.5)  # e.g. a kNN monitor between two logs
+    time.sleep(0.1)
+    rate = throughput(1)  # 100 images in ~0.1 s of training, not ~0.6 s
+    assert 400 < rate < 1100, rate

@@ -78,7 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.holdout_split = ""  # also scored at the end, for model selection ('' = none)
 
     # Running.
-    config.parallel = "pmap"  # 'pmap' or 'shard_map'
+    config.parallel = "shard_map"  # or "pmap": same results
     config.log_every = 100
     config.checkpoint_every = 1000
     config.keep_checkpoints = 2

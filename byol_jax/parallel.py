@@ -49,7 +49,7 @@ class Replicas:
         process so that each process feeds its own devices.
     """
 
-    def __init__(self, mode: str = "pmap", axis_name: str = "batch", devices=None):
+    def __init__(self, mode: str = "shard_map", axis_name: str = "batch", devices=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
         self.mode = mode

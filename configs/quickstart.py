@@ -34,7 +34,6 @@ def get_config():
         view.solarize_p = 0.0
         view.brightness = 0.2
         view.contrast = 0.2
-    config.parallel = "pmap"
     config.log_every = 50
     config.checkpoint_every = 100
     config.knn_k = 20

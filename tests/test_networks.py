@@ -52,3 +52,49 @@ def test_simsiam_projector_shapes():
     dense = {k: v["kernel"].shape for k, v in params["params"].items() if k.startswith("Dense")}
     assert dense == {"Dense_0": (16, 32), "Dense_1": (32, 32), "Dense_2": (32, 8)}
     assert "BatchNorm_2" not in params["params"]  # no scale or offset on the last BatchNorm
+
+
+def _conv_outputs_and_grads(module, x):
+    variables = module.init(jax.random.key(0), x[:2], train=True)
+
+    def loss(params):
+        out, _ = module.apply(
+            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+        )
+        return jnp.sum(out**2), out
+
+    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    return variables, out, grads
+
+
+@pytest.mark.parametrize("batch", [21, 100])  # a ragged last slice; more than MAX_CONV_SLICES
+def test_sliced_convolutions_compute_the_same_function(batch):
+    x = jax.random.normal(jax.random.key(1), (batch, 8, 8, 3))
+    whole = networks.tiny_resnet(conv_chunk=None)
+    sliced = networks.tiny_resnet(conv_chunk=4)
+    v_whole, out_whole, g_whole = _conv_outputs_and_grads(whole, x)
+    v_sliced, out_sliced, g_sliced = _conv_outputs_and_grads(sliced, x)
+    # Same parameter tree (checkpoints move between backends), outputs and gradients.
+    assert jax.tree.structure(v_whole) == jax.tree.structure(v_sliced)
+    assert jnp.allclose(out_whole, out_sliced, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_whole), jax.tree.leaves(g_sliced), strict=True):
+        assert jnp.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_sliced_convolution_slices_are_what_the_rule_says():
+    x = jnp.zeros((100, 8, 8, 3))
+    conv = networks.Conv(2, (3, 3), chunk=4)
+    variables = conv.init(jax.random.key(0), x)
+    hlo = jax.jit(conv.apply).lower(variables, x).as_text()
+    # 100 images, at least 4 per slice but at most MAX_CONV_SLICES slices: 13 per slice.
+    assert hlo.count("convolution") == networks.MAX_CONV_SLICES
+    assert "13x8x8x3" in hlo
+
+
+def test_conv_chunk_setting():
+    assert networks.conv_chunk_for_backend("auto") == (
+        networks.CPU_CONV_CHUNK if jax.default_backend() == "cpu" else None
+    )
+    assert networks.conv_chunk_for_backend(None) is None
+    with pytest.raises(ValueError, match="conv_chunk must be"):
+        networks.conv_chunk_for_backend(0)

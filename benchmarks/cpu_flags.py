@@ -3,8 +3,10 @@
     python benchmarks/cpu_flags.py --encoder resnet18 --cifar-stem --image-size 32 --batch 128
 
 Runs benchmarks/throughput.py once per XLA_FLAGS variant and prints images/s and the ratio to
-the baseline (XLA's defaults). byol_jax applies the winning flags itself on the CPU backend
-(``byol_jax.cpu_flags``); this script measures with them off (BYOL_JAX_CPU_FLAGS=0).
+the baseline (XLA's defaults). None of these flags gained on the development machine (README,
+"Measured"), so byol_jax sets none; what did gain is in the model itself: on the CPU the
+ResNets convolve the batch in slices (``networks.CPU_CONV_CHUNK``; compare with
+``--conv-chunk none``).
 """
 
 import argparse
@@ -19,6 +21,8 @@ VARIANTS = {
     "onednn": "--xla_cpu_use_onednn=true",
     "fast math": "--xla_cpu_enable_fast_math=true",
     "onednn + fast math": "--xla_cpu_use_onednn=true --xla_cpu_enable_fast_math=true",
+    "xnnpack convolutions": "--xla_cpu_experimental_xnn_fusion_type=individual_convolution",
+    "ynnpack convolutions": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution",
 }
 
 
@@ -28,7 +32,7 @@ def main(argv=None):
     args, rest = p.parse_known_args(argv)
     results = {}
     for name, flags in VARIANTS.items():
-        env = dict(os.environ, XLA_FLAGS=flags, BYOL_JAX_CPU_FLAGS="0")
+        env = dict(os.environ, XLA_FLAGS=flags)
         done = subprocess.run(
             [
                 sys.executable,

@@ -15,7 +15,7 @@ Prints both figures and the wall time, and writes them to <workdir>/quality.json
 """
 
 import argparse
-import importlib.util
+import ast
 import json
 import os
 import pathlib
@@ -41,11 +41,22 @@ def extract(data_dir: pathlib.Path) -> pathlib.Path:
     return nested[0] if nested else root
 
 
+def parse_override(text: str) -> tuple[str, object]:
+    """'views_in_one_batch=True' -> ('views_in_one_batch', True); values are Python literals
+    (plain words stay strings)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set takes key=value, got {text!r}.")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def config_for(args, folder):
-    spec = importlib.util.spec_from_file_location("cifar10", REPO / "configs" / "cifar10.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    from byol_jax import testing  # noqa: PLC0415 (after argparse: --help is instant)
+
+    config = testing.load_config("cifar10", *args.set, tiny=False)
     config.data.source = "folder"
     config.data.folder = str(folder)
     config.encoder = args.encoder
@@ -80,6 +91,15 @@ def main(argv=None):
     p.add_argument("--optimizer", default="lars", choices=["lars", "adam", "adamw", "sgd"])
     p.add_argument("--tau-schedule", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--base-tau", type=float, default=0.99)
+    p.add_argument(
+        "--set",
+        type=parse_override,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config field, e.g. --set views_in_one_batch=True "
+        "--set augment.view1.crop_area='(0.2, 1.0)' (repeatable)",
+    )
     p.add_argument("--data-dir", default="/tmp/byol_jax_data")
     p.add_argument("--workdir", default="/tmp/byol_jax_quality")
     args = p.parse_args(argv)
@@ -101,6 +121,11 @@ def main(argv=None):
         "minutes": minutes,
         "knn_top1": summary["knn_top1"],
         "knn_random_init_top1": summary["knn_random_init_top1"],
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "tau_schedule": args.tau_schedule,
+        "base_tau": args.base_tau,
+        "overrides": {k: str(v) for k, v in args.set},
         "cpu_count": os.cpu_count(),
     }
     print(

@@ -47,7 +47,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--devices", type=int, default=1, help="devices to map the step over (pmap)")
-    p.add_argument("--mode", default="pmap", choices=["pmap", "shard_map"])
+    p.add_argument("--mode", default="shard_map", choices=["pmap", "shard_map"])
+    p.add_argument(
+        "--conv-chunk",
+        default="auto",
+        help="images per convolution call: auto (16 on the CPU), none, or a number",
+    )
     p.add_argument("--recipe", default="byol_cifar", help="augmentation recipe")
     p.add_argument(
         "--views-in-one-batch", action="store_true", help="the seed's shared BatchNorm batch"
@@ -69,6 +74,7 @@ def build(args):
         num_filters=args.num_filters,
         cifar_stem=args.cifar_stem,
         dtype=dtype,
+        conv_chunk=_conv_chunk(args.conv_chunk),
     )
     view1, view2 = augment.recipe(args.recipe, args.image_size)
     learner = byol_jax.BYOL(
@@ -85,6 +91,10 @@ def build(args):
     )
     tx = optim.create_optimizer("lars", schedule, weight_decay=1.5e-6)
     return learner, tx
+
+
+def _conv_chunk(text: str):
+    return {"auto": "auto", "none": None}.get(text) or int(text)
 
 
 def measure(args) -> dict:
@@ -123,6 +133,7 @@ def measure(args) -> dict:
         "batch": args.batch,
         "dtype": args.dtype,
         "mode": args.mode,
+        "conv_chunk": networks.conv_chunk_for_backend(_conv_chunk(args.conv_chunk)),
         "sync_batchnorm": args.sync_batchnorm,
         "images_per_s": args.batch / step_s,
         "step_time_s": step_s,

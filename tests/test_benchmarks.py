@@ -1,5 +1,6 @@
 """The benchmark scripts run (tiny settings): they must not rot. Their figures are not tested."""
 
+import argparse
 import pathlib
 import sys
 
@@ -7,6 +8,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import gpu_run  # noqa: E402
+import pytest  # noqa: E402
+import quality  # noqa: E402
 import throughput  # noqa: E402
 
 
@@ -23,10 +26,39 @@ def test_throughput_reports_speed_compile_time_memory_and_flops():
             "2",
             "--devices",
             "2",
+            "--conv-chunk",
+            "2",
         ]
     )
     assert result["images_per_s"] > 0 and result["compile_s"] > 0 and result["peak_memory_gb"] > 0
-    assert result["flops_per_image"] > 0 and result["devices"] == 2
+    assert result["flops_per_image"] > 0 and result["devices"] == 2 and result["conv_chunk"] == 2
+
+
+def test_quality_overrides_reach_the_config(tmp_path):
+    overrides = [
+        quality.parse_override(text)
+        for text in (
+            "views_in_one_batch=True",
+            "augment.view1.crop_area=(0.2, 1.0)",
+            "dtype=bfloat16",
+        )
+    ]
+    assert overrides[2] == ("dtype", "bfloat16")  # a plain word stays a string
+    args = argparse.Namespace(
+        set=overrides, encoder="resnet18", num_filters=16, batch=256, steps=800,
+        warmup_epochs=0.5, lr=2e-3, optimizer="adam", tau_schedule="constant", base_tau=0.99,
+    )  # fmt: skip
+    config = quality.config_for(args, tmp_path)
+    assert config.views_in_one_batch is True and config.dtype == "bfloat16"
+    assert tuple(config.augment.view1.crop_area) == (0.2, 1.0)
+    assert config.augment.view2.crop_area is None  # the recipe's own value
+    assert (config.optimizer, config.total_steps, config.data.folder) == (
+        "adam",
+        800,
+        str(tmp_path),
+    )
+    with pytest.raises(argparse.ArgumentTypeError, match="key=value"):
+        quality.parse_override("views_in_one_batch")
 
 
 def test_gpu_script_runs_at_tiny_size_on_the_cpu(tmp_path):

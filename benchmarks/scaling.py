@@ -44,6 +44,8 @@ def run(devices, batch, sync, args):
         str(args.num_filters),
         "--dtype",
         args.dtype,
+        "--mode",
+        args.mode,
     ]
     if args.cifar_stem:
         command.append("--cifar-stem")
@@ -62,6 +64,7 @@ def main(argv=None):
     p.add_argument("--cifar-stem", action="store_true")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--mode", default="shard_map", choices=["shard_map", "pmap"])
     p.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--steps", type=int, default=5)

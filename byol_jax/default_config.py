@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.use_momentum = True  # False: SimSiam mode
     config.views_in_one_batch = False  # True: one BatchNorm batch for both views (the seed)
     config.sync_batchnorm = config_dict.placeholder(bool)  # None: when over >1 device
-    config.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
+    config.dtype = "auto"  # compute dtype: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), or either
 
     # Optimisation.
     config.batch_size = 4096  # global, over all devices and hosts

@@ -93,14 +93,23 @@ def build_encoder(config: ml_collections.ConfigDict, dtype=jnp.float32):
     )
 
 
+def compute_dtype(name: str):
+    """'float32', 'bfloat16', or 'auto': bfloat16 on GPU/TPU (parameters, optimiser state, EMA
+    and loss stay float32), float32 on the CPU, whose XLA backend has no fast bf16 path."""
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(name)
+    if dtype is None:
+        raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}.")
+    return dtype
+
+
 def build_learner(
     config: ml_collections.ConfigDict, total_steps: int, num_classes: int | None = None
 ) -> byol.BYOL:
     """The BYOL learner of a config: encoder, views, tau schedule, precision, and the online
     probe when ``config.online_probe`` and the data has ``num_classes`` classes."""
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
-    if dtype is None:
-        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {config.dtype!r}.")
+    dtype = compute_dtype(config.dtype)
     view1, view2 = augment.recipe_configs(
         config.augment.name,
         config.image_size,

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 
 import byol_jax
-from byol_jax import networks
+from byol_jax import networks, training
 
 FLIP = lambda key, x: x[:, :, ::-1, :]
 
@@ -55,3 +55,10 @@ def test_bf16_step_stays_close_to_float32_and_keeps_float32_state():
     assert diff / norm < 0.35, diff / norm
     # ...and bf16 really computed in bf16 (it differs from float32).
     assert diff > 0
+
+
+def test_auto_precision_is_bf16_on_accelerators_and_float32_on_the_cpu(monkeypatch):
+    assert training.compute_dtype("auto") == jnp.float32  # this suite runs on the CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert training.compute_dtype("auto") == jnp.bfloat16
+    assert training.compute_dtype("float32") == jnp.float32

@@ -269,7 +269,7 @@ def test_tfds_configs_train_on_mock_data_over_8_devices(tmp_path, name, split_ke
         ),
         ([("optimizer", "rmsprop")], ValueError, "Unknown optimizer"),
         ([("encoder", "resnet7")], ValueError, "ResNet depth 7 is not one of"),
-        ([("dtype", "float16")], ValueError, "dtype must be 'float32' or 'bfloat16'"),
+        ([("dtype", "float16")], ValueError, "dtype must be 'auto', 'float32' or 'bfloat16'"),
     ],
 )
 def test_bad_config_is_a_clear_error_before_compilation(tmp_path, overrides, error, message):

@@ -45,7 +45,7 @@ def test_quality_overrides_reach_the_config(tmp_path):
     ]
     assert overrides[2] == ("dtype", "bfloat16")  # a plain word stays a string
     args = argparse.Namespace(
-        set=overrides, encoder="resnet18", num_filters=16, batch=256, steps=800,
+        set=overrides, small_budget_views=False, encoder="resnet18", num_filters=16, batch=256, steps=800,
         warmup_epochs=0.5, lr=2e-3, optimizer="adam", tau_schedule="constant", base_tau=0.99,
     )  # fmt: skip
     config = quality.config_for(args, tmp_path)
@@ -57,6 +57,10 @@ def test_quality_overrides_reach_the_config(tmp_path):
         800,
         str(tmp_path),
     )
+    args.small_budget_views, args.set = True, [("augment.view2.crop_area", (0.5, 1.0))]
+    config = quality.config_for(args, tmp_path)  # --set wins over the small-budget defaults
+    assert config.views_in_one_batch is True and tuple(config.augment.view1.crop_area) == (0.2, 1)
+    assert tuple(config.augment.view2.crop_area) == (0.5, 1.0)
     with pytest.raises(argparse.ArgumentTypeError, match="key=value"):
         quality.parse_override("views_in_one_batch")
 

@@ -94,7 +94,8 @@ def build(args):
 
 
 def _conv_chunk(text: str):
-    return {"auto": "auto", "none": None}.get(text) or int(text)
+    named = {"auto": "auto", "none": None}
+    return named[text] if text in named else int(text)
 
 
 def measure(args) -> dict:

@@ -32,6 +32,7 @@ def test_throughput_reports_speed_compile_time_memory_and_flops():
     )
     assert result["images_per_s"] > 0 and result["compile_s"] > 0 and result["peak_memory_gb"] > 0
     assert result["flops_per_image"] > 0 and result["devices"] == 2 and result["conv_chunk"] == 2
+    assert [throughput._conv_chunk(t) for t in ("auto", "none", "8")] == ["auto", None, 8]
 
 
 def test_quality_overrides_reach_the_config(tmp_path):

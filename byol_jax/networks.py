@@ -29,9 +29,11 @@ BN_EPSILON = 1e-5
 # XLA's CPU convolutions get slower per image as the batch grows (ResNet-18 forward+backward,
 # 32 px, on a 2-core AVX-512 CPU: 58.7 images/s at batch 32, 37.5 at 256), while a
 # convolution treats every image on its own. So on the CPU the ResNets convolve the batch in
-# slices of CPU_CONV_CHUNK images (65 images/s at batch 256; 8 and 64 were slower), at most
-# MAX_CONV_SLICES per convolution: every slice is its own op, and compile time grows with
-# their number. BatchNorm still sees the whole batch, so the function computed is unchanged.
+# slices of CPU_CONV_CHUNK images (batch 256 in slices of 8 / 16 / 32 / 64: 59 / 65 / 61 / 52
+# images/s), at most MAX_CONV_SLICES per convolution: every slice is its own op, and compile
+# time grows with their number (the BYOL step at batch 256: 32-image slices compile in half
+# the time of 16-image ones, 4 % slower). BatchNorm still sees the whole batch, so the
+# function computed is unchanged.
 CPU_CONV_CHUNK = 16
 MAX_CONV_SLICES = 8
 

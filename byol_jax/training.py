@@ -95,7 +95,7 @@ def build_encoder(config: ml_collections.ConfigDict, dtype=jnp.float32):
 
 def compute_dtype(name: str):
     """'float32', 'bfloat16', or 'auto': bfloat16 on GPU/TPU (parameters, optimiser state, EMA
-    and loss stay float32), float32 on the CPU, whose XLA backend has no fast bf16 path."""
+    and loss stay float32), float32 on the CPU, where bf16 was slower (README, "Measured")."""
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(name)

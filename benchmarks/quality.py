@@ -66,30 +66,36 @@ SMALL_BUDGET = (
 )
 
 
+def overrides_for(args, folder) -> list[tuple[str, object]]:
+    """The config changes of a run, in order: the benchmark's own, then --set (which wins)."""
+    return [
+        ("data.source", "folder"),
+        ("data.folder", str(folder)),
+        ("encoder", args.encoder),
+        ("num_filters", args.num_filters),
+        ("batch_size", args.batch),
+        ("total_steps", args.steps),
+        ("warmup_epochs", args.warmup_epochs),
+        ("base_learning_rate", args.lr),
+        ("optimizer", args.optimizer),
+        ("tau_schedule", args.tau_schedule),
+        ("base_tau", args.base_tau),
+        ("log_every", 50),
+        ("checkpoint_every", max(args.steps // 4, 1)),
+        ("knn_k", 200),
+        ("knn_temperature", 0.1),
+        ("knn_baseline", True),
+        ("eval_batch_size", 500),
+        ("progress_bar", False),
+        *(SMALL_BUDGET if args.small_budget_views else ()),
+        *args.set,
+    ]
+
+
 def config_for(args, folder):
     from byol_jax import testing  # noqa: PLC0415 (after argparse: --help is instant)
 
-    overrides = [*(SMALL_BUDGET if args.small_budget_views else ()), *args.set]
-    config = testing.load_config("cifar10", *overrides, tiny=False)
-    config.data.source = "folder"
-    config.data.folder = str(folder)
-    config.encoder = args.encoder
-    config.num_filters = args.num_filters
-    config.batch_size = args.batch
-    config.total_steps = args.steps
-    config.warmup_epochs = args.warmup_epochs
-    config.base_learning_rate = args.lr
-    config.optimizer = args.optimizer
-    config.tau_schedule = args.tau_schedule
-    config.base_tau = args.base_tau
-    config.log_every = 50
-    config.checkpoint_every = max(args.steps // 4, 1)
-    config.knn_k = 200
-    config.knn_temperature = 0.1
-    config.knn_baseline = True
-    config.eval_batch_size = 500
-    config.progress_bar = False
-    return config
+    return testing.load_config("cifar10", *overrides_for(args, folder), tiny=False)
 
 
 def main(argv=None):
@@ -145,9 +151,7 @@ def main(argv=None):
         "lr": args.lr,
         "tau_schedule": args.tau_schedule,
         "base_tau": args.base_tau,
-        "overrides": {
-            k: str(v) for k, v in (*(SMALL_BUDGET if args.small_budget_views else ()), *args.set)
-        },
+        "config": {k: str(v) for k, v in overrides_for(args, folder)},
         "cpu_count": os.cpu_count(),
     }
     print(

@@ -58,10 +58,11 @@ def test_quality_overrides_reach_the_config(tmp_path):
         800,
         str(tmp_path),
     )
-    args.small_budget_views, args.set = True, [("augment.view2.crop_area", (0.5, 1.0))]
-    config = quality.config_for(args, tmp_path)  # --set wins over the small-budget defaults
+    args.small_budget_views = True
+    args.set = [("augment.view2.crop_area", (0.5, 1.0)), ("batch_size", 64)]
+    config = quality.config_for(args, tmp_path)  # --set wins over the benchmark's own values
     assert config.views_in_one_batch is True and tuple(config.augment.view1.crop_area) == (0.2, 1)
-    assert tuple(config.augment.view2.crop_area) == (0.5, 1.0)
+    assert tuple(config.augment.view2.crop_area) == (0.5, 1.0) and config.batch_size == 64
     with pytest.raises(argparse.ArgumentTypeError, match="key=value"):
         quality.parse_override("views_in_one_batch")
 

@@ -5,7 +5,7 @@ Two cases, each with tf.data limited to N threads (options.threading.private_thr
       BYOL views, `host_crop=True`), from a synthetic folder of JPEGs made here with PIL;
   (b) CIFAR-10 from the shared JPEG folder (../shared/data/cifar10-jpeg.tar.gz, extracted to a
       temporary directory; skipped when absent): decode of 32x32 JPEGs as they are.
-Then: how many host cores feed one H200 at 2,600 ResNet-50 BYOL images/s (BYOL_RECIPE.md §6).
+Then: how many host cores feed one H200 at 2,600 ResNet-50 BYOL images/s (an estimate: docs/results.md#reference-points-for-speed).
 
 Run: python benchmarks/input_throughput.py [--threads 1 2] [--seconds 10]
 On a shared machine the figures are noisy: read them as orders of magnitude.

@@ -1,6 +1,6 @@
 r"""The quality figure: BYOL pre-training on the real CIFAR-10 images, then kNN top-1.
 
-    python benchmarks/quality.py        # the CPU budget of BYOL_RECIPE.md §7 (204,800 images)
+    python benchmarks/quality.py        # the seed's CPU budget (204,800 images, docs/results.md)
 
 Reads ../shared/data/cifar10-jpeg.tar.gz (extracted once to --data-dir), pre-trains a
 ResNet-18 of base width 16 (3x3 stem, 32 px) on configs/cifar10.py, then scores cosine kNN
@@ -78,6 +78,15 @@ def overrides_for(args, folder) -> list[tuple[str, object]]:
         ("warmup_epochs", args.warmup_epochs),
         ("base_learning_rate", args.lr),
         ("optimizer", args.optimizer),
+        # adam has no weight decay (configs/cifar10.py's 1e-5 is for LARS): 0, not ignored.
+        (
+            "weight_decay",
+            0.0
+            if args.weight_decay is None and args.optimizer == "adam"
+            else args.weight_decay
+            if args.weight_decay is not None
+            else 1e-5,
+        ),
         ("tau_schedule", args.tau_schedule),
         ("base_tau", args.base_tau),
         ("log_every", 50),
@@ -93,9 +102,9 @@ def overrides_for(args, folder) -> list[tuple[str, object]]:
 
 
 def config_for(args, folder):
-    from byol_jax import testing  # noqa: PLC0415 (after argparse: --help is instant)
+    from byol_jax import default_config  # noqa: PLC0415 (after argparse: --help is instant)
 
-    return testing.load_config("cifar10", *overrides_for(args, folder), tiny=False)
+    return default_config.from_file(REPO / "configs" / "cifar10.py", *overrides_for(args, folder))
 
 
 def main(argv=None):
@@ -109,6 +118,9 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=2.8e-3, help="base learning rate per 256 images")
     p.add_argument("--warmup-epochs", type=float, default=0.5)
     p.add_argument("--optimizer", default="adam", choices=["lars", "adam", "adamw", "sgd"])
+    p.add_argument(
+        "--weight-decay", type=float, default=None, help="default: 0 for adam, else 1e-5"
+    )
     p.add_argument("--tau-schedule", default="constant", choices=["cosine", "constant"])
     p.add_argument("--base-tau", type=float, default=0.99)
     p.add_argument(

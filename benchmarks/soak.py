@@ -26,9 +26,9 @@ import sys
 import threading
 import time
 
-from byol_jax import testing
-
 REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+import helpers  # noqa: E402 (the tests' config and subprocess helpers)
 
 
 def rss_mb() -> float:
@@ -61,7 +61,7 @@ class MemorySampler(threading.Thread):
 
 def soak_config(steps: int, log_every: int, checkpoint_every: int):
     """The quickstart config shrunk to a tiny model, for `steps` steps."""
-    config = testing.load_config(
+    config = helpers.load_config(
         "quickstart",
         ("batch_size", 16),
         ("total_steps", steps),

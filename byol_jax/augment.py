@@ -595,7 +595,7 @@ def make_view(config: ViewConfig) -> View:
 
 
 def _byol_views(image_size: int) -> tuple[ViewConfig, ViewConfig]:
-    """The paper's asymmetric views (BYOL_RECIPE.md section 3)."""
+    """The paper's asymmetric views (docs/recipe.md#per-view-table)."""
     view1 = ViewConfig(image_size=image_size, blur_p=1.0, solarize_p=0.0)
     return view1, dataclasses.replace(view1, blur_p=0.1, solarize_p=0.2)
 

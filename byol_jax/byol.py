@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -75,6 +74,13 @@ def cosine_tau_schedule(base_tau: float, total_steps: int) -> Callable[[jax.Arra
     return schedule
 
 
+def target_update(online_params: PyTree, target_params: PyTree, tau: jax.Array) -> PyTree:
+    """The EMA target: ``tau * target + (1 - tau) * online`` for each part the target has
+    (encoder and projector; the online predictor and probe have no target counterpart)."""
+    online_part = {k: online_params[k] for k in target_params}
+    return optax.incremental_update(online_part, target_params, 1.0 - tau)
+
+
 def _check_tau(tau: float) -> None:
     if not (isinstance(tau, int | float) and 0.0 <= tau <= 1.0):
         raise ValueError(f"moving_average_decay (tau) must be a number in [0, 1], got {tau!r}.")
@@ -109,8 +115,11 @@ class BYOL:
       sync_batchnorm: None = cross-replica BatchNorm whenever the step is mapped over more
         than one device; True/False force it.
       channels: the number of image channels the encoder takes (3 for RGB).
-      views_in_one_batch: both views go through the networks in one call, sharing BatchNorm
-        statistics (the seed's behaviour). False runs each view separately (the paper's code).
+      views_in_one_batch: False (the default, the paper's code) runs each view through the
+        networks on its own, so every BatchNorm layer normalises a view by that view's batch
+        statistics. True sends both views in one call, sharing one set of statistics: what
+        byol-pytorch does (docs/seed.md), and what the seed-parity tests and
+        ``benchmarks/quality.py`` use.
       preprocess_fn: what ``embed`` applies to images before the encoder (default: ImageNet
         normalisation of uint8 or [0, 1] images).
       dtype: compute dtype of the projector and predictor (e.g. jnp.bfloat16); parameters,
@@ -136,7 +145,7 @@ class BYOL:
         use_momentum: bool = True,
         sync_batchnorm: bool | None = None,
         channels: int = 3,
-        views_in_one_batch: bool = True,
+        views_in_one_batch: bool = False,
         preprocess_fn: Callable[[jax.Array], jax.Array] | None = None,
         dtype: Any = jnp.float32,
         skip_nonfinite_steps: bool = False,
@@ -191,13 +200,6 @@ class BYOL:
         self.probe = nn.Dense(num_classes, name="probe") if num_classes else None
         self._encoder_takes_train = "train" in inspect.signature(encoder.__call__).parameters
         self._encoder_has_axis = "axis_name" in {f.name for f in dataclasses.fields(encoder)}
-        if sync_batchnorm and not self._encoder_has_axis:
-            logging.warning(
-                "sync_batchnorm=True but %s has no `axis_name` field: only the projector and "
-                "predictor use cross-replica BatchNorm. Add `axis_name: str | None = None` to the "
-                "encoder and pass it to its BatchNorm layers to sync them too.",
-                type(encoder).__name__,
-            )
         self._hidden_path: tuple[str, ...] | None = None
 
     # ----------------------------------------------------------------------------- networks
@@ -353,7 +355,8 @@ class BYOL:
         Returns:
           (new state, metrics): loss, tau, grad_norm, and learning_rate when the optimiser
           exposes it (``optax.inject_hyperparams``); ``skipped`` with skip_nonfinite_steps;
-          ``probe_loss`` and ``probe_top1`` with the online probe.
+          ``probe_loss``, ``probe_top1`` and ``probe_count`` (labelled rows of the global
+          batch) with the online probe.
         """
         axis = _bound_axis(self.axis_name)
         images = _check_images(
@@ -363,6 +366,7 @@ class BYOL:
             replicas=1 if axis is None else jax.lax.axis_size(axis),
         )
         bn_axis = axis if self._sync(axis) else None
+        self._check_encoder_can_sync(state, bn_axis)
         modules = self._modules(bn_axis)
         view1, view2 = self._views(images, key, axis)
 
@@ -390,11 +394,9 @@ class BYOL:
             opt_state=opt_state,
         )
         if self.use_momentum:
-            # EMA with the online parameters *after* the optimiser step (paper, seed):
-            # target <- tau * target + (1 - tau) * online.
-            online_part = {k: online_params[k] for k in state.target_params}
+            # The EMA reads the online parameters *after* the optimiser step (paper, seed).
             new_state = new_state.replace(
-                target_params=optax.incremental_update(online_part, state.target_params, 1.0 - tau),
+                target_params=target_update(online_params, state.target_params, tau),
                 target_batch_stats=target_stats,
             )
         grad_norm = _global_norm(grads)
@@ -404,6 +406,7 @@ class BYOL:
             count = jnp.maximum(parts["probe_count"], 1)
             metrics["probe_loss"] = parts["probe_loss_sum"] / count
             metrics["probe_top1"] = parts["probe_correct"] / count
+            metrics["probe_count"] = parts["probe_count"]  # labelled rows: 0 means no signal
         # inject_hyperparams stores the value the update just used in the *new* state.
         learning_rate = getattr(opt_state, "hyperparams", {}).get("learning_rate")
         if learning_rate is not None:
@@ -447,7 +450,7 @@ class BYOL:
             logits = self.probe.apply(
                 {"params": online_params["probe"]}, jax.lax.stop_gradient(rep1)
             )
-            probe_loss, probe_metrics = _probe_loss(logits, labels)
+            probe_loss, probe_metrics = _probe_loss(logits, labels, _bound_axis(self.axis_name))
             total = total + probe_loss
             metrics.update(probe_metrics)
         return total, (online_stats, target_stats, metrics)
@@ -458,6 +461,22 @@ class BYOL:
         if self.sync_batchnorm is None:
             return jax.lax.axis_size(axis) > 1
         return bool(self.sync_batchnorm)
+
+    def _check_encoder_can_sync(self, state: ByolState, bn_axis: str | None) -> None:
+        """Cross-replica BatchNorm is asked for (sync_batchnorm, or None over several devices)
+        but the encoder's BatchNorm layers have no axis to average over: an error, never a
+        silent fall-back to per-device statistics."""
+        if bn_axis is None or self._encoder_has_axis or jax.lax.axis_size(bn_axis) == 1:
+            return
+        if not jax.tree.leaves(state.online_batch_stats.get("encoder", {})):
+            return  # no BatchNorm in the encoder: nothing to synchronise
+        raise ValueError(
+            f"{type(self.encoder).__name__} has BatchNorm statistics but no `axis_name` field, so "
+            f"its BatchNorm cannot average over the {jax.lax.axis_size(bn_axis)} devices the step "
+            f"runs on (sync_batchnorm={self.sync_batchnorm} asks for cross-replica BatchNorm). "
+            "Add a field `axis_name: str | None = None` to the module and pass it to its "
+            "BatchNorm layers, or pass sync_batchnorm=False to keep per-device statistics."
+        )
 
     def _views(self, images, key, axis):
         """The two augmented views [N, S, S, C] of this replica's images."""
@@ -569,19 +588,26 @@ def _check_images(images, *, train: bool, channels: int | None = None, replicas:
     return images
 
 
-def _probe_loss(logits, labels):
-    """Mean cross-entropy over labelled rows, and the sums the step reports."""
+def _probe_loss(logits, labels, axis):
+    """The probe's cross-entropy over the labelled rows of the *global* batch, and the sums
+    the step reports. Replicas hold different numbers of labelled rows, so each divides its
+    sum by the global count (times the replica count, which the gradient pmean divides out):
+    the averaged gradient is that of the global mean, not a mean of per-replica means."""
     labelled = labels >= 0
     xent = optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), jnp.where(labelled, labels, 0)
     )
-    count = jnp.sum(labelled)
-    loss = jnp.sum(jnp.where(labelled, xent, 0.0)) / jnp.maximum(count, 1)
+    count = jnp.sum(labelled).astype(jnp.float32)
+    loss_sum = jnp.sum(jnp.where(labelled, xent, 0.0))
+    replicas, total = (1, count)
+    if axis is not None:
+        replicas, total = jax.lax.axis_size(axis), jax.lax.psum(count, axis)
+    loss = replicas * loss_sum / jnp.maximum(total, 1.0)
     correct = jnp.sum(labelled & (jnp.argmax(logits, -1) == labels))
     sums = {
-        "probe_loss_sum": jnp.sum(jnp.where(labelled, xent, 0.0)),
+        "probe_loss_sum": loss_sum,
         "probe_correct": correct.astype(jnp.float32),
-        "probe_count": count.astype(jnp.float32),
+        "probe_count": count,
     }
     return loss, sums
 

@@ -8,13 +8,15 @@ an override of the wrong type, or of a field that does not exist, is an error.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import pathlib
 
 import ml_collections
 from ml_collections import config_dict
 
 from byol_jax import augment, input_pipeline
 
-# The official code's presets by pre-training length (BYOL_RECIPE.md, section 2).
+# The official code's presets by pre-training length (docs/recipe.md#epoch-presets).
 EPOCH_PRESETS = {
     40: dict(base_learning_rate=0.45, base_tau=0.97, weight_decay=1e-6),
     100: dict(base_learning_rate=0.45, base_tau=0.99, weight_decay=1e-6),
@@ -47,11 +49,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer = "lars"  # 'lars', 'adam', 'adamw', 'sgd'
     config.base_learning_rate = 0.2  # scaled by batch_size / 256 (linear scaling rule)
     config.reference_batch_size = 256  # 0: no scaling
-    config.warmup_epochs = 10.0  # may be fractional
+    config.warmup_epochs = 10.0  # may be fractional; a warm-up longer than the run is an error
+    config.warmup_fraction = config_dict.placeholder(float)  # set: warm-up = this part of the run
     config.lr_schedule = "cosine"  # 'cosine' or 'constant'
     config.weight_decay = 1.5e-6
-    config.momentum = 0.9
-    config.trust_coefficient = 1e-3
+    config.momentum = config_dict.placeholder(float)  # None: 0.9 (LARS, SGD); adam has none
+    config.trust_coefficient = config_dict.placeholder(float)  # None: 1e-3 (LARS only)
     config.base_tau = 0.996
     config.tau_schedule = "cosine"  # 'cosine' (to 1 at the end) or 'constant'
     config.skip_nonfinite_steps = False  # True: skip (and count) steps with NaN/inf
@@ -110,3 +113,22 @@ def apply_epoch_preset(config: ml_collections.ConfigDict, epochs: int) -> None:
     config.num_epochs = epochs
     for key, value in EPOCH_PRESETS[epochs].items():
         setattr(config, key, value)
+
+
+def from_file(path, *overrides: tuple[str, object]) -> ml_collections.ConfigDict:
+    """The config a file's ``get_config()`` returns (``path:arg`` passes arg, as on the command
+    line), with (dotted key, value) overrides applied as ``--config.key=value`` would be."""
+    path, _, arg = str(path).partition(":")
+    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+    if spec is None or not pathlib.Path(path).is_file():
+        raise ValueError(f"no config file {path!r}: pass the path of a file like configs/*.py.")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    for key, value in overrides:
+        *parents, last = key.split(".")
+        target = config
+        for part in parents:
+            target = target[part]
+        target[last] = value
+    return config

@@ -52,6 +52,7 @@ _CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before its
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 0
 _INT64_MAX = np.iinfo(np.int64).max
+_LABEL_PEEK = 512  # records read (images undecoded) to tell a labelled TFDS split
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -237,20 +238,31 @@ def probe_split(data: ml_collections.ConfigDict) -> str:
     return data.probe_split or data.train_split
 
 
+def split_has_labels(
+    data: ml_collections.ConfigDict, split: str, arrays: Mapping | None = None
+) -> bool:
+    """Whether `split` has labels: for TFDS, whether the label feature exists and one of the
+    first records carries a label (STL-10's 'unlabelled' split stores -1 everywhere)."""
+    source = _source(data)
+    if source == "tfds":
+        builder = _tfds_builder(data)
+        if _tfds_label_key(builder, data) is None:
+            return False
+        records = _tfds_records(builder, data, split, data.label_key).take(_LABEL_PEEK)
+        return any(r["label"] >= 0 for r in records.as_numpy_iterator())
+    if source == "folder":
+        _folder_split(data.folder, split)  # an unknown split is an error of its own
+        return _list_folder(data.folder).splits.get(split, (None, None))[1] is not None
+    labels = _arrays_split(data, split, arrays, image_size=None)["labels"]
+    return labels is not None and bool(np.any(labels >= 0))
+
+
 def require_labels(
     data: ml_collections.ConfigDict, split: str, arrays: Mapping | None = None
 ) -> int:
     """Returns the number of classes; ValueError when `split` has no labels."""
-    source = _source(data)
     info = dataset_info(data, arrays)
-    if source == "tfds":
-        labelled = _tfds_label_key(_tfds_builder(data), data, split) is not None
-    elif source == "folder":
-        _folder_split(data.folder, split)  # an unknown split is an error of its own
-        labelled = _list_folder(data.folder).splits.get(split, (None, None))[1] is not None
-    else:
-        labelled = _arrays_split(data, split, arrays, image_size=None)["labels"] is not None
-    if not labelled or not info["num_classes"]:
+    if not info["num_classes"] or not split_has_labels(data, split, arrays):
         raise ValueError(
             f"split {split!r} of {_describe(data)} has no labels, but the linear-evaluation "
             "protocol needs them: set data.probe_split (and data.eval_split) to labelled splits "
@@ -935,10 +947,11 @@ def _prepare(builder, data) -> None:
         raise
 
 
-def _tfds_label_key(builder, data, split) -> str | None:
-    """The label feature of `split`; None without one or for STL-10-style 'unlabelled' splits."""
+def _tfds_label_key(builder, data) -> str | None:
+    """The label feature, or None without one. Unlabelled rows (STL-10's 'unlabelled' split)
+    carry label -1 in TFDS: they reach the batches as -1, which the probe and kNN skip."""
     has_key = bool(data.label_key) and data.label_key in builder.info.features
-    return data.label_key if has_key and "unlabel" not in str(split).lower() else None
+    return data.label_key if has_key else None
 
 
 def _tfds_records(builder, data, split, label_key, names_key=None):
@@ -976,7 +989,7 @@ def _tfds_train(
 ):
     tfds, tf = _tfds(), _tf()
     builder = _tfds_builder(data)
-    label_key = _tfds_label_key(builder, data, split)
+    label_key = _tfds_label_key(builder, data)
     part = tfds.even_splits(split, process_count, drop_remainder=True)[process_index]
     chunks = tfds.even_splits(part, data.shuffle_chunks)
     chunks = [_tfds_records(builder, data, chunk, label_key) for chunk in chunks]
@@ -1009,7 +1022,7 @@ def _tfds_train(
 def _tfds_eval(data, split, batch_size, image_size, process_index, process_count):
     tfds = _tfds()
     builder = _tfds_builder(data)
-    label_key = _tfds_label_key(builder, data, split)
+    label_key = _tfds_label_key(builder, data)
     total = _cardinality(_tfds_records(builder, data, split, None), f"{data.name} {split}")
     part = tfds.even_splits(split, process_count)[process_index] if process_count > 1 else split
     features = builder.info.features

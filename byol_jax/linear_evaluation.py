@@ -1,6 +1,6 @@
 """Linear evaluation of a pre-trained BYOL encoder: ``train_and_evaluate(config, workdir)``.
 
-The paper's protocol (BYOL_RECIPE.md, section 4): the encoder of a pre-training run is frozen
+The paper's protocol (docs/evaluation.md#linear-evaluation): the encoder of a pre-training run is frozen
 (BatchNorm in inference mode, stop-gradient), one linear layer on its representation is trained
 with SGD (Nesterov momentum 0.9, lr 0.2 x batch/256, cosine decay to 0, 80 epochs, no weight
 decay) on random-resized crops with flips, and top-1/top-5 are measured on centre crops.

@@ -73,20 +73,56 @@ def learning_rate_schedule(
     return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
+# What each optimiser reads besides the learning rate; anything else given is an error, not a
+# setting silently ignored.
+_READS = {
+    "lars": ("weight_decay", "momentum", "trust_coefficient"),
+    "adam": (),
+    "adamw": ("weight_decay",),
+    "sgd": ("weight_decay", "momentum", "nesterov"),
+}
+
+
 def create_optimizer(
     name: str,
     learning_rate: optax.Schedule,
     *,
     weight_decay: float = 0.0,
-    momentum: float = 0.9,
-    trust_coefficient: float = 1e-3,
-    nesterov: bool = False,
+    momentum: float | None = None,
+    trust_coefficient: float | None = None,
+    nesterov: bool | None = None,
 ) -> optax.GradientTransformation:
     """'lars' (the paper), 'adam' (the seed's README: lr 3e-4), 'adamw' or 'sgd', with the
-    learning rate injected as a hyperparameter so that the train step can report it."""
+    learning rate injected as a hyperparameter so that the train step can report it.
+
+    ``momentum`` (default 0.9 for LARS and SGD), ``trust_coefficient`` (LARS, default 1e-3),
+    ``nesterov`` (SGD) and a non-zero ``weight_decay`` are refused by an optimiser that
+    would ignore them (adam has no weight decay: use adamw)."""
+    if name not in _READS:
+        raise ValueError(f"Unknown optimizer {name!r}: use one of {sorted(_READS)}.")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
+    given = {
+        "weight_decay": weight_decay or None,
+        "momentum": momentum,
+        "trust_coefficient": trust_coefficient,
+        "nesterov": nesterov or None,
+    }
+    ignored = [k for k, v in given.items() if v is not None and k not in _READS[name]]
+    if ignored:
+        hint = " (use 'adamw' for decoupled weight decay)" if "weight_decay" in ignored else ""
+        raise ValueError(
+            f"optimizer={name!r} does not use {', '.join(f'{k}={given[k]}' for k in ignored)}"
+            f"{hint}: leave {' and '.join(ignored)} unset (or 0), or choose an optimiser that "
+            f"reads it ({', '.join(n for n, reads in _READS.items() if ignored[0] in reads)})."
+        )
+    momentum = 0.9 if momentum is None else momentum
     factories = {
         "lars": lambda learning_rate: lars(
-            learning_rate, weight_decay, momentum, trust_coefficient
+            learning_rate,
+            weight_decay,
+            momentum,
+            1e-3 if trust_coefficient is None else trust_coefficient,
         ),
         "adam": lambda learning_rate: optax.adam(learning_rate),
         "adamw": lambda learning_rate: optax.adamw(
@@ -94,11 +130,7 @@ def create_optimizer(
         ),
         "sgd": lambda learning_rate: optax.chain(
             optax.add_decayed_weights(weight_decay, mask=exclude_bias_and_norm),
-            optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),
+            optax.sgd(learning_rate, momentum=momentum or None, nesterov=bool(nesterov)),
         ),
     }
-    if name not in factories:
-        raise ValueError(f"Unknown optimizer {name!r}: use one of {sorted(factories)}.")
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
     return optax.inject_hyperparams(factories[name])(learning_rate=learning_rate)

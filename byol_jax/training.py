@@ -144,6 +144,24 @@ def build_learner(
     )
 
 
+# The ViewConfig fields of the crop: with data.host_crop the host crops and the device does not.
+_CROP_FIELDS = ("crop", "crop_area", "crop_ratio", "crop_last", "resize_method", "allow_upscale")
+
+
+def _check_host_crop(config: ml_collections.ConfigDict) -> None:
+    if not config.data.host_crop:
+        return
+    for view in ("view1", "view2"):
+        given = [f for f in _CROP_FIELDS if config.augment[view][f] is not None]
+        if given:
+            raise ValueError(
+                f"config.augment.{view}.{given[0]} is set, but data.host_crop=True: the host "
+                "crops both views with data.crop_area and data.crop_ratio and the device does not "
+                f"crop again. Set --config.data.crop_area / data.crop_ratio instead of "
+                f"augment.{view}.{given[0]}, or data.host_crop=False to crop on the device."
+            )
+
+
 def _eval_preprocess(view: augment.ViewConfig):
     """What the encoder sees at evaluation: the view's normalisation, no randomness."""
     mean, std = jnp.asarray(view.mean), jnp.asarray(view.std)
@@ -157,11 +175,12 @@ def _eval_preprocess(view: augment.ViewConfig):
 
 
 def build_optimizer(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int):
+    """The config's optimiser with its learning-rate schedule (linear scaling, warm-up, decay)."""
     schedule = optim.learning_rate_schedule(
         config.base_learning_rate,
         batch_size=config.batch_size,
         total_steps=total_steps,
-        warmup_steps=min(int(config.warmup_epochs * steps_per_epoch), total_steps - 1),
+        warmup_steps=warmup_steps(config, total_steps, steps_per_epoch),
         schedule=config.lr_schedule,
         reference_batch_size=config.reference_batch_size or None,
     )
@@ -172,6 +191,28 @@ def build_optimizer(config: ml_collections.ConfigDict, total_steps: int, steps_p
         momentum=config.momentum,
         trust_coefficient=config.trust_coefficient,
     )
+
+
+def warmup_steps(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int) -> int:
+    """The warm-up in steps: ``warmup_fraction`` of the run when set, else ``warmup_epochs``
+    epochs. A warm-up that does not end before the run does is an error, never squeezed in."""
+    if config.warmup_fraction is not None:
+        if not 0.0 <= config.warmup_fraction < 1.0:
+            raise ValueError(
+                f"config.warmup_fraction must be in [0, 1), got {config.warmup_fraction}."
+            )
+        return int(config.warmup_fraction * total_steps)
+    steps = int(config.warmup_epochs * steps_per_epoch)
+    if steps >= total_steps:
+        longest = (total_steps - 1) / steps_per_epoch
+        raise ValueError(
+            f"the warm-up of {config.warmup_epochs:g} epochs is {steps} steps "
+            f"({steps_per_epoch} steps per epoch), but the run has only {total_steps} steps: "
+            f"the learning rate would never leave the warm-up. Shorten it with "
+            f"--config.warmup_epochs={math.floor(longest * 100) / 100:g} or less, or give it as "
+            "a fraction of the run, e.g. --config.warmup_fraction=0.1."
+        )
+    return steps
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str, arrays: Mapping | None = None) -> Run:
@@ -193,10 +234,24 @@ def setup(config: ml_collections.ConfigDict, workdir: str, arrays: Mapping | Non
     total_steps = (
         config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
     )
+    _check_probe_labels(config, info, arrays)
     learner = build_learner(config, total_steps, info.get("num_classes"))
     _check_encoder_input(config, learner)
     tx = build_optimizer(config, total_steps, steps_per_epoch)
     return Run(config, learner, tx, replicas, total_steps, steps_per_epoch, info)
+
+
+def _check_probe_labels(config, info, arrays) -> None:
+    """The online probe learns from the pre-training split's labels: it needs some."""
+    if not (config.online_probe and info.get("num_classes")):
+        return
+    if not input_pipeline.split_has_labels(config.data, config.data.train_split, arrays):
+        raise ValueError(
+            f"config.online_probe=True trains a linear probe on the labels of the pre-training "
+            f"split data.train_split={config.data.train_split!r}, which has none: set "
+            "--config.online_probe=False, or pre-train on a split with some labels (STL-10: "
+            "'train+unlabelled'; unlabelled rows are skipped by the probe)."
+        )
 
 
 def _check_encoder_input(config, learner) -> None:
@@ -249,6 +304,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.base_tau must be in [0, 1], got {config.base_tau}.")
     if config.batch_size < 2:
         raise ValueError("config.batch_size must be at least 2 (BatchNorm needs batch statistics).")
+    _check_host_crop(config)
 
 
 # ---------------------------------------------------------------------------------- loop
@@ -360,11 +416,17 @@ def _train_loop(run, state, start_step, step_key, ckpt, writer, preempted, array
 
 
 def _summarise(rows: list[dict]) -> dict:
-    """Means over the logging interval of the steps that ran; skipped steps are counted."""
+    """Means over the logging interval of the steps that ran; skipped steps are counted. The
+    probe's figures are over the interval's labelled rows (steps weighted by their count)."""
     kept = [r for r in rows if not r.get("skipped")] or rows
     summary = {k: float(np.mean([r[k] for r in kept])) for k in rows[-1]}
     if "skipped" in rows[-1]:
         summary["skipped"] = float(sum(r["skipped"] for r in rows))
+    if "probe_count" in rows[-1]:
+        count = sum(r["probe_count"] for r in kept)
+        for key in ("probe_loss", "probe_top1"):
+            summary[key] = sum(r[key] * r["probe_count"] for r in kept) / max(count, 1.0)
+        summary["probe_count"] = float(count)
     return summary
 
 

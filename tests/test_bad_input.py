@@ -4,6 +4,7 @@ and message) before anything is compiled or written, and leave no half-written f
 import errno
 import pathlib
 
+import helpers
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -17,7 +18,6 @@ from byol_jax import (
     input_pipeline,
     networks,
     parallel,
-    testing,
     training,
 )
 
@@ -26,7 +26,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 def _config(*overrides):
     """configs/quickstart.py shrunk to a tiny model, with (dotted key, value) overrides."""
-    return testing.load_config("quickstart", ("batch_size", 16), *overrides)
+    return helpers.load_config("quickstart", ("batch_size", 16), *overrides)
 
 
 def _setup(*overrides):

@@ -48,6 +48,7 @@ def test_quality_overrides_reach_the_config(tmp_path):
     args = argparse.Namespace(
         set=overrides, small_budget_views=False, encoder="resnet18", num_filters=16, batch=256, steps=800,
         warmup_epochs=0.5, lr=2e-3, optimizer="adam", tau_schedule="constant", base_tau=0.99,
+        weight_decay=None,
     )  # fmt: skip
     config = quality.config_for(args, tmp_path)
     assert config.views_in_one_batch is True and config.dtype == "bfloat16"

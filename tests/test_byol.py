@@ -40,31 +40,6 @@ def test_regression_loss_matches_numpy():
     np.testing.assert_allclose(byol_jax.regression_loss(p, -p), 4, atol=1e-6)
 
 
-def test_symmetrised_loss_matches_numpy_from_the_networks():
-    learner = _learner()
-    images = _images()
-    state = learner.init(jax.random.key(0), images, optax.sgd(0.1))
-    # Recompute the loss by hand: both views through online and target networks.
-    views = jnp.concatenate([images, images[:, :, ::-1, :]])
-    modules = learner._modules(None)
-    z, _, _ = learner._project(modules, state.online_params, state.online_batch_stats, views, True)
-    p = learner.predictor.apply(
-        {
-            "params": state.online_params["predictor"],
-            "batch_stats": state.online_batch_stats["predictor"],
-        },
-        z,
-        train=True,
-        mutable=["batch_stats"],
-    )[0]
-    t, _, _ = learner._project(modules, state.target_params, state.target_batch_stats, views, True)
-    p, t = np.asarray(p), np.asarray(t)
-    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)
-    per_pair = lambda a, b: 2 - 2 * np.sum(unit(a) * unit(b), -1)
-    expected = np.mean(per_pair(p[:16], t[16:]) + per_pair(p[16:], t[:16]))
-    np.testing.assert_allclose(learner.loss(state, images, jax.random.key(0)), expected, rtol=1e-5)
-
-
 def test_no_gradient_reaches_the_target():
     learner = _learner()
     images = _images()
@@ -369,3 +344,31 @@ def test_online_probe_learns_without_touching_the_encoder_gradient():
     assert "probe" not in replicas.unreplicate(rstate).target_params
     with pytest.raises(ValueError, match="needs labels"):
         probed.train_step(state, images, jax.random.key(0))
+
+
+class PerDeviceEncoder(nn.Module):
+    """A user's encoder with BatchNorm but no ``axis_name`` field: it cannot sync."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x))
+        return jnp.mean(x, axis=(1, 2))
+
+
+@pytest.mark.parametrize("mode", ["pmap", "shard_map"])
+def test_an_encoder_that_cannot_sync_its_batchnorm_is_refused_when_mapped(mode):
+    images = _images()
+    replicas = parallel.Replicas(mode)
+    args = (replicas.shard(np.asarray(images)), jax.random.key(0))
+    for sync in (None, True):
+        learner = _learner(encoder=PerDeviceEncoder(), sync_batchnorm=sync)
+        state = replicas.replicate(learner.init(jax.random.key(0), images, optax.sgd(0.1)))
+        with pytest.raises(ValueError, match=r"PerDeviceEncoder has BatchNorm statistics but no `axis_name`.*8 devices.*sync_batchnorm=False"):  # fmt: skip
+            replicas.map(learner.train_step)(state, *args)
+    # Asked for per-device statistics, or on one device, it trains.
+    learner = _learner(encoder=PerDeviceEncoder(), sync_batchnorm=False)
+    state = learner.init(jax.random.key(0), images, optax.sgd(0.1))
+    _, metrics = replicas.map(learner.train_step)(replicas.replicate(state), *args)
+    assert np.isfinite(replicas.fetch(metrics)["loss"])
+    _, metrics = jax.jit(_learner(encoder=PerDeviceEncoder()).train_step)(state, images, args[1])
+    assert np.isfinite(float(metrics["loss"]))

@@ -34,6 +34,7 @@ def tiny_quickstart(**overrides):
         checkpoint_every=3,
         knn_at_end=False,
         eval_batch_size=64,
+        warmup_fraction=0.0,
     )
     values.update(overrides)
     for key, value in values.items():

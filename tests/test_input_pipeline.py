@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tarfile
 
+import helpers
 import numpy as np
 import pytest
 
@@ -64,33 +65,10 @@ def png_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_tfds(tmp_path_factory):
-    """A real prepared TFDS dataset (no mock): 40 train / 12 test 8x8 images, pixel = label."""
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
-    root = tmp_path_factory.mktemp("tfds")
-    version_dir = root / "tiny_images" / "1.0.0"
-    version_dir.mkdir(parents=True)
-    features = tfds.features.FeaturesDict(
-        {
-            "image": tfds.features.Image(shape=(8, 8, 3)),
-            "label": tfds.features.ClassLabel(num_classes=40),
-        }
-    )
-    split_infos = []
-    for split, shards, per_shard in (("train", 2, 20), ("test", 2, 6)):
-        for s in range(shards):
-            name = f"tiny_images-{split}.tfrecord-{s:05d}-of-{shards:05d}"
-            with tf.io.TFRecordWriter(str(version_dir / name)) as writer:
-                for i in range(s * per_shard, (s + 1) * per_shard):
-                    example = {"image": np.full((8, 8, 3), i, np.uint8), "label": i}
-                    writer.write(features.serialize_example(example))
-        lengths = [per_shard] * shards
-        split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=0))
-    tfds.folder_dataset.write_metadata(
-        data_dir=str(version_dir), features=features, split_infos=split_infos
-    )
-    return _config(source="tfds", name="tiny_images", data_dir=str(root), shuffle_buffer=8)
+    """A real prepared TFDS dataset (no mock): 40 train / 12 test 8x8 images, pixel = label,
+    and 8 unlabelled ones (label -1)."""
+    root = helpers.write_tiny_tfds(tmp_path_factory.mktemp("tfds"))
+    return _config(source="tfds", name="tiny_images", data_dir=root, shuffle_buffer=8)
 
 
 @pytest.fixture(scope="module")
@@ -414,7 +392,7 @@ def test_tfds_processes_read_disjoint_parts_and_resume(tiny_tfds):
 def test_tfds_eval_parts_and_info(tiny_tfds):
     data = tiny_tfds
     info = ip.dataset_info(data)
-    assert info["num_examples"] == {"train": 40, "test": 12}
+    assert info["num_examples"] == {"train": 40, "test": 12, "unlabelled": 8}
     assert info["num_classes"] == 40 and info["image_shape"] == (8, 8, 3)
     seen = []
     for p in range(3):  # 12 examples: 4 per process, batches of 3 -> 2 each
@@ -449,12 +427,22 @@ def test_tfds_mock_imagenet_cifar_stl10(tmp_path):
         cifar = _config(source="tfds", name="cifar10", shuffle_buffer=4)
         batch = next(ip.pretrain_batches(cifar, global_batch_size=4, image_size=32, seed=0))
         assert batch["images"].shape == (4, 32, 32, 3) and batch["labels"].dtype == np.int32
-        stl10 = _config(source="tfds", name="stl10", train_split="unlabelled", shuffle_buffer=4)
+        stl10 = _config(source="tfds", name="stl10", train_split="train+unlabelled", shuffle_buffer=4)  # fmt: skip
         batch = next(ip.pretrain_batches(stl10, global_batch_size=2, image_size=96, seed=0))
-        assert batch["images"].shape == (2, 96, 96, 3) and (batch["labels"] == -1).all()
-        with pytest.raises(ValueError, match="has no labels"):
-            ip.require_labels(stl10, "unlabelled")
+        assert batch["images"].shape == (2, 96, 96, 3)
         assert ip.require_labels(stl10, "train") == 10
+
+
+def test_tfds_unlabelled_rows_are_minus_one_and_such_splits_are_unlabelled(tiny_tfds):
+    data = tiny_tfds.copy_and_resolve_references()
+    data.train_split = "train+unlabelled"
+    labels = next(ip.pretrain_batches(data, global_batch_size=48, image_size=8, seed=0))["labels"]
+    assert sorted(labels.tolist()) == [-1] * 8 + list(range(40))
+    assert ip.split_has_labels(data, "train+unlabelled")
+    assert not ip.split_has_labels(data, "unlabelled")
+    with pytest.raises(ValueError, match="split 'unlabelled' of tfds dataset 'tiny_images' has no"):
+        ip.require_labels(data, "unlabelled")
+    assert ip.require_labels(data, "test") == 40
 
 
 def test_tfds_errors(tmp_path, tiny_tfds):

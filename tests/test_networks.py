@@ -1,5 +1,7 @@
 """ResNet v1 encoders: torchvision's parameter counts, widths, strides; MLP shapes."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -81,14 +83,22 @@ def test_sliced_convolutions_compute_the_same_function(batch):
         assert jnp.allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_sliced_convolution_slices_are_what_the_rule_says():
-    x = jnp.zeros((100, 8, 8, 3))
-    conv = networks.Conv(2, (3, 3), chunk=4)
+@pytest.mark.parametrize(
+    "batch, chunk, slices",
+    [
+        (100, 4, [13] * 7 + [9]),  # 25 slices of 4 would be too many: at most 8, of 13
+        (20, 4, [4] * 5),
+        (21, 4, [4] * 5 + [1]),
+        (16, 16, [16]),  # no more images than a chunk: one call
+    ],
+)
+def test_sliced_convolution_slices_are_what_the_rule_says(batch, chunk, slices):
+    x = jnp.zeros((batch, 8, 8, 3))
+    conv = networks.Conv(2, (3, 3), chunk=chunk)
     variables = conv.init(jax.random.key(0), x)
     hlo = jax.jit(conv.apply).lower(variables, x).as_text()
-    # 100 images, at least 4 per slice but at most MAX_CONV_SLICES slices: 13 per slice.
-    assert hlo.count("convolution") == networks.MAX_CONV_SLICES
-    assert "13x8x8x3" in hlo
+    shapes = re.findall(r"stablehlo.convolution.*?\(tensor<(\d+)x8x8x3xf32>", hlo)
+    assert [int(n) for n in shapes] == slices
 
 
 def test_conv_chunk_setting():

@@ -74,15 +74,35 @@ def test_create_optimizer_exposes_the_learning_rate():
 
 def test_weight_decay_mask_leaves_out_biases_and_norms():
     params = {
-        "Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+        "Dense_0": {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.ones(2)},
         "BatchNorm_0": {"scale": jnp.ones(2)},
     }
     mask = optim.exclude_bias_and_norm(params)
     assert mask == {"Dense_0": {"kernel": True, "bias": False}, "BatchNorm_0": {"scale": False}}
-    tx = optim.create_optimizer("sgd", 0.0, weight_decay=0.5, momentum=0.0)
     zero = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zero, tx.init(params), params)
-    assert float(jnp.abs(updates["Dense_0"]["bias"]).max()) == 0.0
+    for name in ("sgd", "adamw"):
+        tx = optim.create_optimizer(name, 0.1, weight_decay=0.5)
+        updates, _ = tx.update(zero, tx.init(params), params)
+        # Zero gradients: the only update is the decay, -lr * wd * w on kernels alone.
+        np.testing.assert_allclose(updates["Dense_0"]["kernel"], -0.1 * 0.5 * 2.0, rtol=1e-6)
+        assert float(jnp.abs(updates["Dense_0"]["bias"]).max()) == 0.0
+        assert float(jnp.abs(updates["BatchNorm_0"]["scale"]).max()) == 0.0
+
+
+def test_settings_an_optimiser_ignores_are_refused():
+    for name, setting in (
+        ("adam", dict(momentum=0.9)),
+        ("adam", dict(weight_decay=1e-6)),
+        ("adamw", dict(nesterov=True)),
+        ("lars", dict(nesterov=True)),
+        ("sgd", dict(trust_coefficient=1e-3)),
+    ):
+        key = next(iter(setting))
+        with pytest.raises(ValueError, match=rf"optimizer='{name}' does not use {key}="):
+            optim.create_optimizer(name, 0.1, **setting)
+    # What each reads is taken: momentum and Nesterov for SGD, the trust coefficient for LARS.
+    optim.create_optimizer("sgd", 0.1, momentum=0.5, nesterov=True, weight_decay=1e-4)
+    optim.create_optimizer("lars", 0.1, momentum=0.5, trust_coefficient=1e-2)
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,13 @@
 """byol_jax.pictures: the PNG files the command promises, neighbours against scikit-learn,
 PCA against an SVD, and training curves that never fail a run."""
 
-import importlib.util
 import json
 import os
 import pathlib
 import subprocess
 import sys
 
+import helpers
 import jax
 import numpy as np
 import pytest
@@ -33,12 +33,8 @@ def workdir(tmp_path_factory):
     """A workdir as byol_jax.train leaves it (config.json, a checkpoint, metrics.jsonl) for a
     tiny untrained model: what pictures read, without compiling a train step."""
     workdir = tmp_path_factory.mktemp("run")
-    spec = importlib.util.spec_from_file_location("quickstart", REPO / "configs" / "quickstart.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.encoder, config.projection_hidden_size, config.projection_size = "tiny", 32, 16
-    facts = {"total_steps": 20, "steps_per_epoch": 11, "num_classes": 10}
+    config = helpers.load_config("quickstart")
+    facts = {"total_steps": 40, "steps_per_epoch": 11, "num_classes": 10}
     learner = training.build_learner(config, facts["total_steps"], facts["num_classes"])
     tx = training.build_optimizer(config, facts["total_steps"], facts["steps_per_epoch"])
     state = learner.init(jax.random.key(0), np.zeros((2, 16, 16, 3), np.uint8), tx)

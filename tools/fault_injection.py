@@ -30,12 +30,13 @@ import subprocess
 import sys
 import time
 
-from byol_jax import testing
-
 REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+import helpers  # noqa: E402 (the tests' config and subprocess helpers)
+
 MOMENTS = ("launch", "training", "checkpoint")
 FIXED = {"batch_size": 16, "knn_at_end": False, "log_every": 1}
-TINY = (*testing.TINY_FLAGS, *(f"--config.{k}={v}" for k, v in FIXED.items()))
+TINY = (*helpers.TINY_FLAGS, *(f"--config.{k}={v}" for k, v in FIXED.items()))
 _RESUMED = re.compile(r"Resuming from the checkpoint of step (\d+)")
 
 
@@ -58,7 +59,7 @@ class Life:
 
 
 def train_env(devices: int = 8) -> dict[str, str]:
-    return testing.subprocess_env(devices)
+    return helpers.subprocess_env(devices)
 
 
 def train_command(
@@ -143,7 +144,7 @@ def run_and_kill(
 
 def load_config(total_steps: int, checkpoint_every: int, config_file=None):
     """The quickstart config (or `config_file`) as ``train_command`` overrides it."""
-    return testing.load_config(
+    return helpers.load_config(
         config_file or "quickstart",
         ("total_steps", total_steps),
         ("checkpoint_every", checkpoint_every),

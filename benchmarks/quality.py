@@ -142,13 +142,14 @@ def main(argv=None):
     p.add_argument("--workdir", default="/tmp/byol_jax_quality")
     args = p.parse_args(argv)
 
-    from byol_jax import monitor, training  # noqa: PLC0415 (after argparse: --help is instant)
+    from byol_jax import monitor  # noqa: PLC0415 (after argparse: --help is instant)
+    from byol_jax.programs import pretraining  # noqa: PLC0415
 
     monitor.setup_logging()
     folder = extract(pathlib.Path(args.data_dir))
     config = config_for(args, folder)
     start = time.time()
-    summary = training.train_and_evaluate(config, args.workdir)
+    summary = pretraining.train_and_evaluate(config, args.workdir)
     minutes = (time.time() - start) / 60
     result = {
         "steps": args.steps,

@@ -2,7 +2,7 @@
 
     nice -n 10 python benchmarks/soak.py --steps 10000 --workdir /tmp/byol_soak
 
-``training.train_and_evaluate`` runs the quickstart config shrunk to a tiny ResNet, with its
+``pretraining.train_and_evaluate`` runs the quickstart config shrunk to a tiny ResNet, with its
 cosine learning-rate and tau schedules and LARS, logging every ``--log_every`` steps and
 checkpointing every ``--checkpoint_every``. A thread samples the process's resident memory
 (VmRSS) once a second. Reported:
@@ -131,14 +131,15 @@ def main(argv=None) -> int:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from byol_jax import monitor, training  # noqa: PLC0415 (after XLA_FLAGS)
+    from byol_jax import monitor  # noqa: PLC0415 (after XLA_FLAGS)
+    from byol_jax.programs import pretraining  # noqa: PLC0415
 
     monitor.setup_logging()
     shutil.rmtree(args.workdir, ignore_errors=True)
     config = soak_config(args.steps, args.log_every, args.checkpoint_every)
     sampler = MemorySampler()
     sampler.start()
-    training.train_and_evaluate(config, args.workdir)
+    pretraining.train_and_evaluate(config, args.workdir)
     samples = sampler.stop()
     rows = monitor.read_metrics(args.workdir)
     figures = analyse(rows, samples, config.batch_size, args.steps)

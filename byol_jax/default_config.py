@@ -1,4 +1,5 @@
-"""The base configuration every file in configs/ starts from (the paper's recipe).
+"""The base configurations the files in configs/ start from: pre-training (``get_config``, the
+paper's recipe) and linear evaluation (``linear_eval_config``, the paper's protocol).
 
 Config files are Python: ``get_config()`` returns an ml_collections ConfigDict, and any field
 can be overridden on the command line with ``--config.field=value``. Fields are typed:
@@ -14,7 +15,8 @@ import pathlib
 import ml_collections
 from ml_collections import config_dict
 
-from byol_jax import augment, input_pipeline
+from byol_jax import augment
+from byol_jax import input_pipeline as datasets
 
 # The official code's presets by pre-training length (docs/recipe.md#epoch-presets).
 EPOCH_PRESETS = {
@@ -61,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Data and augmentation.
     config.image_size = 224
-    config.data = input_pipeline.default_data_config()
+    config.data = datasets.default_data_config()
     config.augment = ml_collections.ConfigDict()
     config.augment.name = "byol"  # 'byol', 'byol_cifar', 'seed' (byol_jax.augment.RECIPES)
     config.augment.view1 = _view_overrides()  # e.g. --config.augment.view2.solarize_p=0.1
@@ -87,6 +89,49 @@ def get_config() -> ml_collections.ConfigDict:
     config.knn_baseline = False  # also score a randomly initialised encoder, for comparison
     config.eval_batch_size = 256
     return config
+
+
+def linear_eval_config() -> ml_collections.ConfigDict:
+    """The linear-evaluation settings every file in configs/linear_eval/ starts from."""
+    config = ml_collections.ConfigDict()
+    config.pretrained_workdir = ""  # the workdir of a byol_jax.train run (required)
+    config.seed = 0
+
+    # The paper's protocol.
+    config.batch_size = 1024  # global, over all devices and hosts
+    config.num_epochs = 80
+    config.total_steps = -1  # > 0 overrides num_epochs
+    config.base_learning_rate = 0.2  # scaled by batch_size / reference_batch_size
+    config.reference_batch_size = 256  # 0: no scaling
+    config.momentum = 0.9
+    config.nesterov = True
+    config.weight_decay = 0.0
+
+    # Data: every field None keeps the pre-training run's config.data value.
+    config.image_size = config_dict.placeholder(int)  # None: the pre-training image size
+    config.data = _data_overrides()
+    config.holdout_split = ""  # also scored at the end, for model selection ('' = none)
+
+    # Running.
+    config.parallel = "shard_map"  # or "pmap": same results
+    config.log_every = 100
+    config.checkpoint_every = 1000
+    config.keep_checkpoints = 2
+    config.progress_bar = True
+    config.eval_batch_size = 256  # per process
+    config.distributed = False
+    config.coordinator_address = ""
+    config.num_processes = 0
+    config.process_id = -1
+    return config
+
+
+def _data_overrides() -> ml_collections.ConfigDict:
+    """One typed placeholder per field of ``byol_jax.data.default_data_config``."""
+    overrides = ml_collections.ConfigDict()
+    for name, value in datasets.default_data_config().items():
+        overrides[name] = config_dict.placeholder(type(value))
+    return overrides
 
 
 def _view_overrides() -> ml_collections.ConfigDict:

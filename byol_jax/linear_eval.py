@@ -26,7 +26,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     monitor.setup_logging()
-    from byol_jax import linear_evaluation  # noqa: PLC0415 (after flags: JAX reads its flags)
+    from byol_jax.programs import linear_evaluation  # noqa: PLC0415 (after flags: JAX reads its flags)
 
     results = linear_evaluation.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     print(linear_evaluation.format_results(results), flush=True)

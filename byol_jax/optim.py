@@ -62,15 +62,14 @@ def learning_rate_schedule(
         )
     peak = base_learning_rate * (batch_size / reference_batch_size if reference_batch_size else 1)
     if schedule == "cosine":
-        decay = optax.cosine_decay_schedule(peak, total_steps - warmup_steps)
-    elif schedule == "constant":
-        decay = optax.constant_schedule(peak)
-    else:
-        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}.")
-    if warmup_steps == 0:
-        return decay
-    warmup = optax.linear_schedule(0.0, peak, warmup_steps)
-    return optax.join_schedules([warmup, decay], [warmup_steps])
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, total_steps)
+    if schedule == "constant":
+        # optax.warmup_constant_schedule(0, peak, 0) stays at 0 (optax 0.2.8): no warm-up at
+        # all is the constant itself.
+        if warmup_steps == 0:
+            return optax.constant_schedule(peak)
+        return optax.warmup_constant_schedule(0.0, peak, warmup_steps)
+    raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}.")
 
 
 # What each optimiser reads besides the learning rate; anything else given is an error, not a

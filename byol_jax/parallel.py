@@ -30,13 +30,8 @@ MODES = ("pmap", "shard_map")
 
 
 def _shard_map(fn, mesh, in_specs, out_specs):
-    # jax >= 0.7 has jax.shard_map(check_vma=); older releases the experimental one.
     # The step averages gradients itself (pmap semantics), so replication checks are off.
-    if hasattr(jax, "shard_map"):
-        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    from jax.experimental.shard_map import shard_map  # noqa: PLC0415
-
-    return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 class Replicas:
@@ -204,3 +199,15 @@ def _has_accelerator_env() -> bool:
 
 def _indexer(x: np.ndarray) -> Callable:
     return lambda index: x[index]
+
+
+def bound_axis(name: str | None) -> str | None:
+    """``name`` if the code runs under a pmap/shard_map that binds that axis, else None: what
+    lets one per-replica function run unmapped, under pmap and under shard_map alike."""
+    if name is None:
+        return None
+    try:
+        jax.lax.axis_size(name)
+    except NameError:
+        return None
+    return name

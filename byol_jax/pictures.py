@@ -1,367 +1,59 @@
-"""Pictures of a BYOL representation, saved as PNG (matplotlib's Agg canvas, no display).
+"""Pictures of a trained BYOL representation, as PNG files:
 
     python -m byol_jax.pictures --workdir workdirs/cifar10 [--out DIR] [--split test]
         [--pictures=retrieval,map,curves] [--method=pca|tsne] [--folder PATH | --data.*=...]
 
-writes to DIR (default the workdir):
-
-* ``retrieval.png``: a few query images of the evaluation split, each with its k nearest
-  training images by cosine similarity of the representation, labels in the titles;
-* ``embedding_map.png``: a 2-D map of the evaluation split's representations coloured by
-  label: PCA by default (fast, deterministic), t-SNE with ``--method=tsne`` (both
-  scikit-learn);
-* ``training_curves.png``: loss, online-probe and kNN top-1 against step, from the
-  run's ``metrics.jsonl``.
-
-Each picture is also a function taking arrays, for notebooks. Figures are drawn on
-``matplotlib.figure.Figure`` with an Agg canvas, never through pyplot: no global backend is
-changed and no window opens.
+writes to DIR (default the workdir) ``retrieval.png`` (queries of the evaluation split and
+their nearest training images), ``embedding_map.png`` (a 2-D map of the representations by
+label) and ``training_curves.png`` (loss, probe and kNN top-1 against step). The drawing
+functions, for notebooks, are in ``byol_jax.plots``.
 """
 
-from __future__ import annotations
-
-import logging
-import os
 import sys
-from collections.abc import Sequence
 
-import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from absl import app, flags
 
-log = logging.getLogger("byol_jax")
+from byol_jax import cli
 
-PICTURES = ("retrieval", "map", "curves")
-FILE_NAMES = {
-    "retrieval": "retrieval.png",
-    "map": "embedding_map.png",
-    "curves": "training_curves.png",
-}
-_UNLABELLED_COLOUR = "0.6"
-
-
-def _figure(width: float, height: float) -> Figure:
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _save(figure: Figure, path: str | None) -> None:
-    if path is not None:
-        directory = os.path.dirname(os.fspath(path))
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        figure.savefig(path, format="png")
-
-
-def _name(label: int, class_names: Sequence[str] | None) -> str:
-    if label < 0:
-        return "unlabelled"
-    return class_names[label] if class_names is not None else str(int(label))
-
-
-# ---------------------------------------------------------------------------- retrieval
-
-
-def nearest_neighbours(
-    bank: np.ndarray, queries: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The k most cosine-similar bank rows of each query: (indices int [M, k],
-    similarities float32 [M, k]), most similar first. bank [N, D], queries [M, D]."""
-    if not 1 <= k <= len(bank):
-        raise ValueError(f"k must be in [1, {len(bank)}] (the bank's size), got {k}.")
-    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    similarity = unit(np.asarray(queries, np.float32)) @ unit(np.asarray(bank, np.float32)).T
-    order = np.argsort(-similarity, axis=-1, kind="stable")[:, :k]
-    return order, np.take_along_axis(similarity, order, axis=-1)
-
-
-def _show(axis, image: np.ndarray, title: str, colour: str = "black") -> None:
-    image = np.asarray(image)
-    axis.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray")
-    axis.set_title(title, fontsize=8, color=colour)
-    axis.set_xticks([])
-    axis.set_yticks([])
-
-
-def plot_retrieval(
-    query_images: np.ndarray,
-    query_labels: np.ndarray,
-    bank_images: np.ndarray,
-    bank_labels: np.ndarray,
-    neighbours: np.ndarray,
-    similarities: np.ndarray,
-    *,
-    class_names: Sequence[str] | None = None,
-    path: str | None = None,
-) -> Figure:
-    """A grid: one row per query (query_images uint8 [M, H, W, C]) followed by its k
-    neighbours (indices [M, k] into bank_images [N, H, W, C], from ``nearest_neighbours``).
-    A neighbour's title is its label and similarity, green when the label matches the
-    query's. Saved as PNG to ``path`` when given."""
-    num_queries, k = np.shape(neighbours)
-    figure = _figure(1.3 * (k + 1), 1.45 * num_queries)
-    axes = figure.subplots(num_queries, k + 1, squeeze=False)
-    for row in range(num_queries):
-        query_label = int(query_labels[row])
-        _show(axes[row, 0], query_images[row], f"query: {_name(query_label, class_names)}")
-        for col in range(k):
-            index = int(neighbours[row, col])
-            label = int(bank_labels[index])
-            colour = "green" if label == query_label and label >= 0 else "red"
-            title = f"{_name(label, class_names)}\ncos {similarities[row, col]:.3f}"
-            _show(axes[row, col + 1], bank_images[index], title, colour)
-    figure.suptitle(
-        f"{k} nearest training images\n(cosine similarity of representations)", fontsize=9
-    )
-    _save(figure, path)
-    return figure
-
-
-# ---------------------------------------------------------------------------- embedding map
-
-
-def project_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
-    """features [N, D] -> float32 [N, 2] by scikit-learn's PCA or t-SNE (init 'pca')."""
-    features = np.asarray(features, np.float32)
-    if len(features) < 3:
-        raise ValueError(f"a 2-D map needs at least 3 points, got {len(features)}.")
-    if method == "pca":
-        from sklearn.decomposition import PCA  # noqa: PLC0415
-
-        return PCA(n_components=2, random_state=seed).fit_transform(features).astype(np.float32)
-    if method == "tsne":
-        from sklearn.manifold import TSNE  # noqa: PLC0415
-
-        perplexity = min(30.0, (len(features) - 1) / 3)
-        tsne = TSNE(2, perplexity=perplexity, init="pca", random_state=seed)
-        return tsne.fit_transform(features).astype(np.float32)
-    raise ValueError(f"method must be 'pca' or 'tsne', got {method!r}.")
-
-
-def plot_embedding_map(
-    features: np.ndarray,
-    labels: np.ndarray,
-    *,
-    method: str = "pca",
-    class_names: Sequence[str] | None = None,
-    max_points: int = 5000,
-    seed: int = 0,
-    path: str | None = None,
-) -> Figure:
-    """features [N, D] mapped to 2-D (``project_2d``), one colour per label (grey:
-    unlabelled). At most ``max_points`` rows, drawn at random with ``seed``."""
-    features, labels = np.asarray(features), np.asarray(labels)
-    if len(features) > max_points:
-        rows = np.sort(np.random.default_rng(seed).choice(len(features), max_points, False))
-        features, labels = features[rows], labels[rows]
-    points = project_2d(features, method, seed)
-    figure = _figure(6.5, 5.5)
-    axis = figure.subplots()
-    classes = [int(c) for c in np.unique(labels)]
-    colours = _class_colours(max(classes) + 1 if classes and max(classes) >= 0 else 1)
-    for label in classes:
-        at = labels == label
-        colour = _UNLABELLED_COLOUR if label < 0 else colours[label]
-        axis.scatter(*points[at].T, s=6, color=colour, label=_name(label, class_names))
-    if len(classes) <= 20:
-        axis.legend(fontsize=7, markerscale=2, loc="best", frameon=False)
-    name = {"pca": "PCA", "tsne": "t-SNE"}[method]
-    axis.set_title(f"{name} of {len(features)} representations, coloured by label")
-    axis.set_xticks([])
-    axis.set_yticks([])
-    _save(figure, path)
-    return figure
-
-
-def _class_colours(num_classes: int):
-    from matplotlib import colormaps  # noqa: PLC0415
-
-    name = "tab10" if num_classes <= 10 else "tab20" if num_classes <= 20 else "turbo"
-    cmap = colormaps[name]
-    if name == "turbo":
-        return [cmap(i / max(num_classes - 1, 1)) for i in range(num_classes)]
-    return [cmap(i) for i in range(num_classes)]
-
-
-# ---------------------------------------------------------------------------- curves
-
-_ACCURACIES = (
-    ("probe_top1", "online probe top-1", "-"),
-    ("knn_top1", "kNN top-1", "o-"),
-    ("knn_random_init_top1", "kNN top-1, random init", "x"),
+PICTURES = ("retrieval", "map", "curves")  # byol_jax.plots.PICTURES, without importing it
+_RUN = cli.define_run_flags("Folder for the PNG files (default: the workdir).")
+_PICTURES = flags.DEFINE_list("pictures", list(PICTURES), "Pictures to draw.")
+_METHOD = flags.DEFINE_enum("method", "pca", ["pca", "tsne"], "The 2-D map's method.")
+_QUERIES = flags.DEFINE_integer("num_queries", 6, "Query images in the grid.")
+_K = flags.DEFINE_integer("k", 5, "Neighbours shown per query.")
+_BANK = flags.DEFINE_integer(
+    "bank_size", 10_000, "Training images searched for neighbours (the first ones)."
 )
+flags.mark_flags_as_required(["workdir"])
 
 
-def plot_curves(rows: Sequence[dict], path: str | None = None) -> Figure | None:
-    """Loss and (when present) probe / kNN top-1 against step, from metric rows
-    ({'step', 'loss', 'probe_top1', 'knn_top1', ...}, as in metrics.jsonl). None when no
-    row has a loss."""
-    loss = [(r["step"], r["loss"]) for r in rows if "step" in r and "loss" in r]
-    if not loss:
-        return None
-    accuracies = {
-        key: [(r["step"], r[key]) for r in rows if "step" in r and key in r]
-        for key, _, _ in _ACCURACIES
-    }
-    accuracies = {key: points for key, points in accuracies.items() if points}
-    panels = 2 if accuracies else 1
-    figure = _figure(5.0 * panels, 3.6)
-    axes = figure.subplots(1, panels, squeeze=False)[0]
-    steps, values = np.asarray(loss, np.float64).T
-    axes[0].plot(steps, values, color="tab:blue")
-    axes[0].set(xlabel="step", ylabel="BYOL loss", title="loss")
-    axes[0].grid(alpha=0.3)
-    for key, label, style in _ACCURACIES:
-        if key in accuracies:
-            steps, values = np.asarray(accuracies[key], np.float64).T
-            axes[1].plot(steps, 100 * values, style, label=label)
-    if accuracies:
-        axes[1].set(xlabel="step", ylabel="top-1 (%)", title="accuracy")
-        axes[1].grid(alpha=0.3)
-        axes[1].legend(fontsize=8, frameon=False, loc="lower right")
-    _save(figure, path)
-    return figure
-
-
-def plot_training_curves(workdir: str, path: str | None = None) -> str | None:
-    """Writes the training curves of a run (``workdir/metrics.jsonl``) to ``path`` (default
-    ``workdir/training_curves.png``) and returns it; None, writing nothing, when there are
-    no metrics or on any process but 0. Never raises: the training run calls it last."""
-    try:
-        import jax  # noqa: PLC0415
-
-        from byol_jax import monitor  # noqa: PLC0415
-
-        if jax.process_index() != 0:
-            return None
-        path = path or os.path.join(workdir, FILE_NAMES["curves"])
-        figure = plot_curves(monitor.read_metrics(workdir), path)
-        return None if figure is None else path
-    except Exception as error:  # a plot must never fail the training run that asked for it
-        log.warning("could not plot the training curves of %s: %s", workdir, error)
-        return None
-
-
-# ---------------------------------------------------------------------------- program
-
-
-def save_pictures(
-    learner,
-    state,
-    data,
-    out_dir: str,
-    *,
-    workdir: str | None = None,
-    split: str | None = None,
-    pictures: Sequence[str] = PICTURES,
-    method: str = "pca",
-    num_queries: int = 6,
-    k: int = 5,
-    bank_size: int = 10_000,
-    map_points: int = 2_000,
-    batch_size: int = 256,
-    seed: int = 0,
-) -> dict[str, str]:
-    """Draws ``pictures`` of a trained learner and writes them as PNG to ``out_dir``:
-    {picture: path}. The bank is the first ``bank_size`` examples of ``data.train_split``,
-    the queries are drawn at random from ``split`` (default ``data.eval_split``)."""
-    from byol_jax import embed, input_pipeline  # noqa: PLC0415
-
-    unknown = set(pictures) - set(PICTURES)
-    if unknown:
-        raise ValueError(f"unknown pictures {sorted(unknown)}: choose from {PICTURES}.")
-    split = split or data.eval_split
-    written = {}
-    if "retrieval" in pictures or "map" in pictures:
-        class_names = input_pipeline.dataset_info(data).get("class_names")
-        common = dict(batch_size=batch_size, keep_images=True)
-        queries = embed.embed_dataset(learner, state, data, split, limit=map_points, **common)
-        if "retrieval" in pictures:
-            bank = embed.embed_dataset(
-                learner, state, data, data.train_split, limit=bank_size, **common
-            )
-            rng = np.random.default_rng(seed)
-            count = min(num_queries, len(queries["labels"]))
-            rows = np.sort(rng.choice(len(queries["labels"]), count, replace=False))
-            index, similarity = nearest_neighbours(
-                bank["representations"], queries["representations"][rows], k
-            )
-            written["retrieval"] = os.path.join(out_dir, FILE_NAMES["retrieval"])
-            plot_retrieval(
-                queries["images"][rows],
-                queries["labels"][rows],
-                bank["images"],
-                bank["labels"],
-                index,
-                similarity,
-                class_names=class_names,
-                path=written["retrieval"],
-            )
-        if "map" in pictures:
-            written["map"] = os.path.join(out_dir, FILE_NAMES["map"])
-            plot_embedding_map(
-                queries["representations"],
-                queries["labels"],
-                method=method,
-                class_names=class_names,
-                path=written["map"],
-            )
-    if "curves" in pictures and workdir is not None:
-        path = plot_training_curves(workdir, os.path.join(out_dir, FILE_NAMES["curves"]))
-        if path is not None:
-            written["curves"] = path
-    return written
-
-
-def main(argv, flag_values, extra) -> None:
-    from absl import app  # noqa: PLC0415
-
-    from byol_jax import embed  # noqa: PLC0415
-
+def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    workdir = flag_values["workdir"].value
+    from byol_jax import plots  # noqa: PLC0415 (after flags: JAX reads its flags at import)
+
+    workdir = _RUN["workdir"].value
     try:
-        learner, state, _, data = embed.load_from_flags(flag_values)
-        written = save_pictures(
+        learner, state, _, data = cli.load_run(_RUN)
+        written = plots.save_pictures(
             learner,
             state,
             data,
-            flag_values["out"].value or workdir,
+            _RUN["out"].value or workdir,
             workdir=workdir,
-            split=flag_values["split"].value,
-            pictures=extra["pictures"].value,
-            method=extra["method"].value,
-            num_queries=extra["num_queries"].value,
-            k=extra["k"].value,
-            bank_size=extra["bank_size"].value,
-            batch_size=flag_values["batch_size"].value,
+            split=_RUN["split"].value,
+            pictures=_PICTURES.value,
+            method=_METHOD.value,
+            num_queries=_QUERIES.value,
+            k=_K.value,
+            bank_size=_BANK.value,
+            batch_size=_RUN["batch_size"].value,
         )
-    except embed.USER_ERRORS as error:
-        sys.exit(f"byol_jax.pictures: {error}")
+    except cli.USER_ERRORS as error:
+        cli.exit_with("pictures", error)
     for name, path in written.items():
         print(f"{name}: {path}")
 
 
-def _run() -> None:
-    from absl import app, flags  # noqa: PLC0415
-
-    from byol_jax import embed  # noqa: PLC0415
-
-    flag_values = embed.define_flags("Folder for the PNG files (default: the workdir).")
-    extra = {
-        "pictures": flags.DEFINE_list("pictures", list(PICTURES), "Pictures to draw."),
-        "method": flags.DEFINE_enum("method", "pca", ["pca", "tsne"], "The 2-D map's method."),
-        "num_queries": flags.DEFINE_integer("num_queries", 6, "Query images in the grid."),
-        "k": flags.DEFINE_integer("k", 5, "Neighbours shown per query."),
-        "bank_size": flags.DEFINE_integer(
-            "bank_size", 10_000, "Training images searched for neighbours (the first ones)."
-        ),
-    }
-    flags.mark_flags_as_required(["workdir"])
-    app.run(lambda argv: main(argv, flag_values, extra))
-
-
 if __name__ == "__main__":
-    sys.exit(_run())
+    sys.exit(app.run(main))

@@ -22,10 +22,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     monitor.setup_logging()
-    from byol_jax import training  # noqa: PLC0415 (after flags: JAX reads its flags at import)
+    from byol_jax.programs import pretraining  # noqa: PLC0415 (after flags: JAX reads its flags)
 
-    summary = training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    print(training.format_summary(summary), flush=True)
+    summary = pretraining.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    print(pretraining.format_summary(summary), flush=True)
 
 
 if __name__ == "__main__":

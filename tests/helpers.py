@@ -64,11 +64,11 @@ def independent_knn(workdir, config) -> tuple[float, int]:
     """(kNN top-1, number of queries) of the trained state in ``workdir``, recomputed outside
     the training program: the state as ``pretrained.load`` gives it, embedded split by split,
     voted in NumPy."""
-    from byol_jax import embed, input_pipeline, pretrained  # noqa: PLC0415
+    from byol_jax import features, input_pipeline, pretrained  # noqa: PLC0415
 
     learner, state = pretrained.load(str(workdir))
     features = {
-        split: embed.embed_dataset(learner, state, config.data, split)
+        split: features.embed_dataset(learner, state, config.data, split)
         for split in (input_pipeline.probe_split(config.data), config.data.eval_split)
     }
     bank, queries = features.values()

@@ -11,15 +11,8 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from byol_jax import (
-    augment,
-    byol,
-    checkpoint,
-    input_pipeline,
-    networks,
-    parallel,
-    training,
-)
+from byol_jax import augment, builders, byol, checkpoint, input_pipeline, networks, parallel
+from byol_jax.programs import pretraining
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -30,8 +23,8 @@ def _config(*overrides):
 
 
 def _setup(*overrides):
-    """A case: training.setup on the overridden config, in the case's workdir."""
-    return lambda tmp: training.setup(_config(*overrides), str(tmp / "workdir"))
+    """A case: pretraining.setup on the overridden config, in the case's workdir."""
+    return lambda tmp: pretraining.setup(_config(*overrides), str(tmp / "workdir"))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +37,7 @@ def learner_and_state():
         projection_hidden_size=16,
         augment_fn=augment.recipe("byol_cifar", 16)[0],
     )
-    tx = training.build_optimizer(_config(), total_steps=10, steps_per_epoch=10)
+    tx = builders.build_optimizer(_config(), total_steps=10, steps_per_epoch=10)
     return learner, learner.init(jax.random.key(0), np.zeros((2, 16, 16, 3), np.uint8), tx)
 
 
@@ -128,7 +121,7 @@ def _object_leaf(tmp):
 
 def _unwritable_workdir(tmp):
     (tmp / "file").write_text("")
-    return training.setup(_config(), str(tmp / "file" / "workdir"))
+    return pretraining.setup(_config(), str(tmp / "file" / "workdir"))
 
 
 def _bad_view_field(tmp):
@@ -136,7 +129,7 @@ def _bad_view_field(tmp):
 
 
 def _hidden_layer_missing(tmp):
-    run = training.setup(_config(("hidden_layer", "layer_that_does_not_exist")), str(tmp / "w"))
+    run = pretraining.setup(_config(("hidden_layer", "layer_that_does_not_exist")), str(tmp / "w"))
     run.learner.init(jax.random.key(0), np.zeros((2, 32, 32, 3), np.uint8), run.tx)
 
 

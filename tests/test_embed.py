@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from byol_jax import checkpoint, embed, input_pipeline, pretrained, training
+from byol_jax import checkpoint, features, input_pipeline, pretrained
+from byol_jax.programs import pretraining
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -46,7 +47,7 @@ def train_tiny(workdir, **overrides):
     """Trains a tiny run in ``workdir``; returns (config, learner, the final in-memory state)."""
     config = tiny_quickstart(**overrides)
     captured = {}
-    loop = training._train_loop
+    loop = pretraining._train
 
     def capturing_loop(run, *args):
         captured["learner"] = run.learner
@@ -54,8 +55,8 @@ def train_tiny(workdir, **overrides):
         return captured["state"]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training, "_train_loop", capturing_loop)
-        training.train_and_evaluate(config, str(workdir))
+        patch.setattr(pretraining, "_train", capturing_loop)
+        pretraining.train_and_evaluate(config, str(workdir))
     return config, captured["learner"], captured["state"]
 
 
@@ -132,7 +133,7 @@ def test_restored_workdir_embeds_exactly_as_the_in_memory_state(trained):
         np.asarray(restored_learner.embed(restored, images)),
         np.asarray(learner.embed(state, images)),
     )
-    ours = embed.embed_dataset(restored_learner, restored, config.data, "train", batch_size=64)
+    ours = features.embed_dataset(restored_learner, restored, config.data, "train", batch_size=64)
     np.testing.assert_allclose(
         ours["representations"][:50], learner.embed(state, images), rtol=1e-5, atol=1e-6
     )
@@ -153,12 +154,12 @@ def test_folder_gives_file_names_in_input_order_and_npy_files(trained, tmp_path)
     workdir, config, learner, state = trained
     digits = input_pipeline._digits(16)["test"]
     _image_folder(tmp_path / "images", digits["images"][:7], [0, 1, 0, 1, 1, 0, 2])
-    data = embed.data_config_for(config.data, folder=tmp_path / "images")
+    data = features.data_config_for(config.data, folder=tmp_path / "images")
     assert data.source == "folder" and data.image_key == config.data.image_key
     # 7 files in batches of 4: one padding row.
-    arrays = embed.embed_dataset(learner, state, data, "test", batch_size=4)
+    arrays = features.embed_dataset(learner, state, data, "test", batch_size=4)
     out = tmp_path / "out" / "folder.npy"
-    written = embed.save_embeddings(str(out), arrays)
+    written = features.save_embeddings(str(out), arrays)
     assert sorted(os.path.basename(p) for p in written) == [
         "folder.file_names.npy",
         "folder.labels.npy",
@@ -208,16 +209,16 @@ def test_workdir_without_checkpoint_is_a_clear_error(trained, tmp_path):
 def test_missing_split_and_bad_output_are_clear_errors(trained, tmp_path):
     _, config, learner, state = trained
     with pytest.raises(ValueError, match=r"split 'validation' is not in the digits dataset"):
-        embed.embed_dataset(learner, state, config.data, "validation")
+        features.embed_dataset(learner, state, config.data, "validation")
     with pytest.raises(ValueError, match="limit must be a positive"):
-        embed.embed_dataset(learner, state, config.data, "test", limit=0)
+        features.embed_dataset(learner, state, config.data, "test", limit=0)
     with pytest.raises(ValueError, match="must end with .npz or .npy"):
-        embed.save_embeddings(str(tmp_path / "x.csv"), {"representations": np.zeros((2, 3))})
+        features.save_embeddings(str(tmp_path / "x.csv"), {"representations": np.zeros((2, 3))})
 
 
 def test_limit_and_kept_images_follow_the_input_order(trained):
     _, config, learner, state = trained
-    first = embed.embed_dataset(
+    first = features.embed_dataset(
         learner, state, config.data, "test", batch_size=32, limit=40, keep_images=True
     )
     digits = input_pipeline._digits(16)["test"]

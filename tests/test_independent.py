@@ -17,7 +17,8 @@ import pytest
 import reference as ref
 
 import byol_jax
-from byol_jax import augment, input_pipeline, networks, parallel, training
+from byol_jax import augment, input_pipeline, networks, parallel
+from byol_jax.programs import pretraining
 
 IDENTITY = lambda key, x: x
 FLIP = lambda key, x: x[:, :, ::-1, :]
@@ -209,7 +210,7 @@ def _trainer_setup(tmp_path):
         ("tau_schedule", "cosine"),
         ("base_tau", 0.9),
     )
-    run = training.setup(config, str(tmp_path))
+    run = pretraining.setup(config, str(tmp_path))
     assert not run.learner.views_in_one_batch and run.learner.num_classes == 10
     return config, run
 

@@ -2,7 +2,6 @@
 program end to end on a tiny pre-trained run (CLI, exact resume after SIGTERM), and the errors
 of bad input."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -18,29 +17,21 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from byol_jax import embed, parallel, pretrained, training
-from byol_jax import linear_evaluation as le
+from byol_jax import classifier, default_config, features, lifecycle, parallel, pretrained
+from byol_jax.programs import linear_evaluation as le
+from byol_jax.programs import pretraining
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-from test_training import _env, _load  # noqa: E402
+_env, _load = helpers.subprocess_env, helpers.load_config
 
 
 def _linear_config(name, pretrained_workdir, **overrides):
-    path = REPO / "configs" / "linear_eval" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"linear_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.pretrained_workdir = str(pretrained_workdir)
-    config.progress_bar = False
-    for key, value in overrides.items():
-        target = config
-        *parts, last = key.split("__")
-        for part in parts:
-            target = target[part]
-        target[last] = value
-    return config
+    """configs/linear_eval/<name>.py for ``pretrained_workdir``; overrides as a__b=value."""
+    overrides = {"pretrained_workdir": str(pretrained_workdir), "progress_bar": False, **overrides}
+    return default_config.from_file(
+        REPO / "configs" / "linear_eval" / f"{name}.py",
+        *((k.replace("__", "."), v) for k, v in overrides.items()),
+    )
 
 
 # ------------------------------------------------------------------------ classifier level
@@ -59,16 +50,16 @@ def test_classifier_step_matches_numpy_on_one_device_and_over_8():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 6)).astype(np.float32)
     y = rng.integers(0, 4, size=32).astype(np.int32)
-    tx = le.linear_optimizer(batch_size=32, total_steps=10, base_learning_rate=0.2)
-    state = le.init_classifier(6, 4, tx)
-    single, metrics = jax.jit(le.classifier_step)(state, x, y)
+    tx = classifier.linear_optimizer(batch_size=32, total_steps=10, base_learning_rate=0.2)
+    state = classifier.init_classifier(6, 4, tx)
+    single, metrics = jax.jit(classifier.classifier_step)(state, x, y)
     kernel, bias = _numpy_first_step(x, y, 4, lr=0.2 * 32 / 256)
     np.testing.assert_allclose(single.params["kernel"], kernel, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(single.params["bias"], bias, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(metrics["loss"], np.log(4), rtol=1e-6)
 
     replicas = parallel.Replicas("pmap", "batch")
-    step = replicas.map(lambda s, f, k, lab: le.classifier_step(s, f, lab, "batch"))
+    step = replicas.map(lambda s, f, k, lab: classifier.classifier_step(s, f, lab, "batch"))
     mapped, mapped_metrics = step(
         replicas.replicate(state), replicas.shard(x), jax.random.key(0), replicas.shard(y)
     )
@@ -82,9 +73,9 @@ def test_padding_rows_are_ignored_and_counts_are_top_k():
     params = {"kernel": jnp.eye(6, dtype=jnp.float32), "bias": jnp.zeros(6)}
     features = jnp.array([[6.0, 5, 4, 3, 2, 1]] * 3 + [[9.0] * 6])  # logits = features
     labels = jnp.array([0, 4, 5, -1])  # best; fifth best; last; padding
-    counts = le.correct_counts(params, features, labels)
+    counts = classifier.correct_counts(params, features, labels)
     assert {k: float(v) for k, v in counts.items()} == {"count": 3.0, "top1": 1.0, "top5": 2.0}
-    scores = le.evaluate_linear(params, features[:3], labels[:3])
+    scores = classifier.evaluate_linear(params, features[:3], labels[:3])
     assert scores == pytest.approx({"top1": 1 / 3, "top5": 2 / 3})
 
 
@@ -93,18 +84,20 @@ def test_protocol_separates_one_hot_features_and_random_features_stay_at_chance(
     num_classes = 10
     y_train, y_test = rng.integers(0, 10, 600), rng.integers(0, 10, 300)
     one_hot = lambda y: np.eye(num_classes)[y] + 0.1 * rng.normal(size=(len(y), num_classes))
-    state = le.train_linear_classifier(
+    state = classifier.train_linear_classifier(
         one_hot(y_train), y_train, num_classes, batch_size=64, num_epochs=5
     )
-    separable = le.evaluate_linear(state, one_hot(y_test), y_test)
+    separable = classifier.evaluate_linear(state, one_hot(y_test), y_test)
     print(f"\nlinear eval of one-hot features (+ noise 0.1): {separable}")
     assert separable["top1"] == 1.0 and separable["top5"] == 1.0
 
     x_train, x_test = rng.normal(size=(400, 64)), rng.normal(size=(1000, 64))
     y_train, y_test = rng.integers(0, 10, 400), rng.integers(0, 10, 1000)
-    state = le.train_linear_classifier(x_train, y_train, num_classes, batch_size=64, num_epochs=40)
-    train_fit = le.evaluate_linear(state, x_train, y_train)
-    chance = le.evaluate_linear(state, x_test, y_test)
+    state = classifier.train_linear_classifier(
+        x_train, y_train, num_classes, batch_size=64, num_epochs=40
+    )
+    train_fit = classifier.evaluate_linear(state, x_train, y_train)
+    chance = classifier.evaluate_linear(state, x_test, y_test)
     print(f"linear eval of random features: train {train_fit}, test {chance}")
     assert train_fit["top1"] > 0.3  # it does fit the training noise ...
     for k, p in ((1, 0.1), (5, 0.5)):  # ... and stays at chance on new data (4 sigma)
@@ -127,7 +120,7 @@ def test_imagenet_config_is_the_papers_protocol():
     assert (config.momentum, config.nesterov, config.weight_decay) == (0.9, True, 0.0)
     assert config.data.probe_split == "train[10000:]" and config.holdout_split == "train[:10000]"
     assert config.data.eval_split == "validation"
-    schedule_tx = le.linear_optimizer(batch_size=1024, total_steps=99_280)
+    schedule_tx = classifier.linear_optimizer(batch_size=1024, total_steps=99_280)
     params = {"w": jnp.zeros((2, 2))}
     _, state = schedule_tx.update(params, schedule_tx.init(params), params)
     assert float(state.hyperparams["learning_rate"]) == pytest.approx(0.8)  # 0.2 x 1024 / 256
@@ -148,7 +141,7 @@ def pretrained_workdir(tmp_path_factory):
         ("log_every", 2),
         ("checkpoint_every", 4),
     )
-    training.train_and_evaluate(config, str(workdir))
+    pretraining.train_and_evaluate(config, str(workdir))
     return workdir
 
 
@@ -187,7 +180,7 @@ def test_program_end_to_end_and_resume_after_sigterm_is_bit_identical(
     learner, state = pretrained.load(str(pretrained_workdir))
     linear = _linear_config("quickstart", pretrained_workdir)
     data = le.merged_data(pretrained.load_config(str(pretrained_workdir))[0], linear.data)
-    test = embed.embed_dataset(learner, state, data, data.eval_split)
+    test = features.embed_dataset(learner, state, data, data.eval_split)
     logits = test["representations"] @ params["kernel"] + params["bias"]
     expected = np.mean(np.argmax(logits, -1) == test["labels"])
     assert abs(straight["top1"] - expected) <= 1 / len(logits) + 1e-9
@@ -199,7 +192,7 @@ def test_program_end_to_end_and_resume_after_sigterm_is_bit_identical(
     assert rows[-1]["test_top1"] == straight["top1"]
 
     # The same run, preempted by a real SIGTERM after step 5, then resumed.
-    real_should_stop = le._should_stop
+    real_should_stop = lifecycle.should_stop
 
     def sigterm_after_step_5(flag, step):
         if step == 5:
@@ -208,12 +201,12 @@ def test_program_end_to_end_and_resume_after_sigterm_is_bit_identical(
 
     config = _linear_config("quickstart", pretrained_workdir, **settings)
     workdir = str(tmp_path / "preempted")
-    monkeypatch.setattr(le, "_should_stop", sigterm_after_step_5)
+    monkeypatch.setattr(lifecycle, "should_stop", sigterm_after_step_5)
     with pytest.raises(SystemExit) as exit_info:
         le.train_and_evaluate(config, workdir)
-    assert exit_info.value.code == training.PREEMPTED_EXIT_CODE
+    assert exit_info.value.code == lifecycle.PREEMPTED_EXIT_CODE
     assert _final_classifier(workdir)[0] == 5
-    monkeypatch.setattr(le, "_should_stop", real_should_stop)
+    monkeypatch.setattr(lifecycle, "should_stop", real_should_stop)
     resumed = le.train_and_evaluate(config, workdir)
 
     step_a, params_a = _final_classifier(tmp_path / "straight")

@@ -121,3 +121,10 @@ def test_schedule_errors(kwargs, message):
 def test_unknown_optimizer():
     with pytest.raises(ValueError, match="Unknown optimizer 'rmsprop'"):
         optim.create_optimizer("rmsprop", 0.1)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_a_schedule_without_warm_up_starts_at_the_peak(schedule):
+    rate = optim.learning_rate_schedule(0.1, batch_size=512, total_steps=8, schedule=schedule)
+    assert float(rate(0)) == pytest.approx(0.2)  # 0.1 x 512 / 256
+    assert float(rate(4)) == pytest.approx(0.2 if schedule == "constant" else 0.1)

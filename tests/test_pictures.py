@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from byol_jax import checkpoint, pictures, training
+from byol_jax import builders, checkpoint, lifecycle, plots
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -35,13 +35,13 @@ def workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     config = helpers.load_config("quickstart")
     facts = {"total_steps": 40, "steps_per_epoch": 11, "num_classes": 10}
-    learner = training.build_learner(config, facts["total_steps"], facts["num_classes"])
-    tx = training.build_optimizer(config, facts["total_steps"], facts["steps_per_epoch"])
+    learner = builders.build_learner(config, facts["total_steps"], facts["num_classes"])
+    tx = builders.build_optimizer(config, facts["total_steps"], facts["steps_per_epoch"])
     state = learner.init(jax.random.key(0), np.zeros((2, 16, 16, 3), np.uint8), tx)
     with checkpoint.Checkpointer(str(workdir / "checkpoints")) as saver:
         saver.save(20, jax.device_get(state))
         saver.wait_until_finished()
-    checkpoint.save_config(str(workdir), {**config.to_dict(), training.RUN_KEY: facts})
+    checkpoint.save_config(str(workdir), {**config.to_dict(), lifecycle.RUN_KEY: facts})
     rows = [{"step": s, "loss": 4.0 - 0.1 * s, "probe_top1": 0.02 * s} for s in range(1, 21)]
     rows.append({"step": 20, "knn_top1": 0.6, "knn_random_init_top1": 0.4})
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -68,7 +68,7 @@ def test_command_writes_every_promised_png(workdir, tmp_path):
         timeout=180,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(os.listdir(out)) == sorted(pictures.FILE_NAMES.values())
+    assert sorted(os.listdir(out)) == sorted(plots.FILE_NAMES.values())
     width, height = _png_size(out / "retrieval.png")
     # 4 rows of 1 query + 3 neighbours, 130 x 145 px per image at 100 dpi.
     assert (width, height) == (4 * 130, 4 * 145)
@@ -84,44 +84,44 @@ def test_nearest_neighbours_match_scikit_learn():
 
     rng = np.random.default_rng(0)
     bank, queries = rng.normal(size=(200, 12)), rng.normal(size=(9, 12))
-    index, similarity = pictures.nearest_neighbours(bank, queries, k=5)
+    index, similarity = plots.nearest_neighbours(bank, queries, k=5)
     distance, expected = (
         NearestNeighbors(n_neighbors=5, metric="cosine").fit(bank).kneighbors(queries)
     )
     np.testing.assert_array_equal(index, expected)
     np.testing.assert_allclose(similarity, 1 - distance, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"k must be in \[1, 200\]"):
-        pictures.nearest_neighbours(bank, queries, k=201)
+        plots.nearest_neighbours(bank, queries, k=201)
 
 
 def test_pca_map_is_the_top_two_principal_components(tmp_path):
     rng = np.random.default_rng(1)
     features = rng.normal(size=(60, 5)) * np.array([5.0, 3.0, 1.0, 0.5, 0.1])
-    points = pictures.project_2d(features, "pca")
+    points = plots.project_2d(features, "pca")
     centred = features - features.mean(0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     np.testing.assert_allclose(np.abs(points), np.abs(centred @ vt[:2].T), rtol=1e-4, atol=1e-4)
     labels = np.repeat([0, 1, 2, -1], 15)
     path = tmp_path / "tsne.png"
-    pictures.plot_embedding_map(
+    plots.plot_embedding_map(
         features, labels, method="tsne", class_names=["a", "b", "c"], path=str(path)
     )
     assert _png_size(path) == (650, 550)
     with pytest.raises(ValueError, match="method must be 'pca' or 'tsne'"):
-        pictures.project_2d(features, "umap")
+        plots.project_2d(features, "umap")
 
 
 def test_training_curves_never_fail_and_skip_missing_metrics(tmp_path, caplog):
-    assert pictures.plot_training_curves(str(tmp_path)) is None  # no metrics.jsonl
+    assert plots.plot_training_curves(str(tmp_path)) is None  # no metrics.jsonl
     assert not list(tmp_path.iterdir())
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
-    assert pictures.plot_training_curves(str(tmp_path)) is None  # a run killed mid-line
+    assert plots.plot_training_curves(str(tmp_path)) is None  # a run killed mid-line
     assert "could not plot the training curves" in caplog.text
     assert not (tmp_path / "training_curves.png").exists()
     (tmp_path / "metrics.jsonl").write_text('{"step": 3, "knn_top1": 0.5}\n')
-    assert pictures.plot_training_curves(str(tmp_path)) is None  # no loss rows
+    assert plots.plot_training_curves(str(tmp_path)) is None  # no loss rows
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
-    path = pictures.plot_training_curves(str(tmp_path))
+    path = plots.plot_training_curves(str(tmp_path))
     assert path == str(tmp_path / "training_curves.png")
     assert _png_size(path) == (500, 360)  # loss only: one panel
 
@@ -129,7 +129,7 @@ def test_training_curves_never_fail_and_skip_missing_metrics(tmp_path, caplog):
 def test_retrieval_grid_titles_name_classes(tmp_path):
     images = np.random.default_rng(2).integers(0, 255, (10, 8, 8, 3), dtype=np.uint8)
     labels = np.arange(10) % 3
-    figure = pictures.plot_retrieval(
+    figure = plots.plot_retrieval(
         images[:2],
         labels[:2],
         images,

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 
 import byol_jax
-from byol_jax import networks, training
+from byol_jax import builders, networks
 
 FLIP = lambda key, x: x[:, :, ::-1, :]
 
@@ -58,7 +58,7 @@ def test_bf16_step_stays_close_to_float32_and_keeps_float32_state():
 
 
 def test_auto_precision_is_bf16_on_accelerators_and_float32_on_the_cpu(monkeypatch):
-    assert training.compute_dtype("auto") == jnp.float32  # this suite runs on the CPU
+    assert builders.compute_dtype("auto") == jnp.float32  # this suite runs on the CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert training.compute_dtype("auto") == jnp.bfloat16
-    assert training.compute_dtype("float32") == jnp.float32
+    assert builders.compute_dtype("auto") == jnp.bfloat16
+    assert builders.compute_dtype("float32") == jnp.float32

@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from byol_jax import monitor, training
+from byol_jax import lifecycle, monitor
+from byol_jax.programs import pretraining
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("fault_injection", REPO / "tools/fault_injection.py")
@@ -118,7 +119,7 @@ def test_sigterm_then_restart_ends_bit_identical(tmp_path, straight, pinned):
     _wait_for_metric_lines(process, workdir, 3)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == training.PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert process.returncode == lifecycle.PREEMPTED_EXIT_CODE, stderr[-3000:]
     saved = int(re.search(r"saved the checkpoint of step (\d+)", stderr).group(1))
     assert 3 <= saved < STEPS
     assert max(fi.restore_all(workdir, straight[1])) == saved  # off the every-2 schedule too
@@ -174,7 +175,7 @@ def test_sigterm_to_one_process_of_a_cluster_saves_one_consistent_checkpoint(
             file.close()
     errors = [log.read_text() for log in logs]
     codes = [p.returncode for p in cluster]
-    assert codes == [training.PREEMPTED_EXIT_CODE] * 2, [e[-2000:] for e in errors]
+    assert codes == [lifecycle.PREEMPTED_EXIT_CODE] * 2, [e[-2000:] for e in errors]
     steps = [int(re.search(r"saved the checkpoint of step (\d+)", e).group(1)) for e in errors]
     assert steps[0] == steps[1] >= 2
     assert sorted(fi.restore_all(workdir, straight[1])) == [steps[0]]
@@ -255,9 +256,9 @@ def _config(total_steps, **overrides):
 
 
 def test_skip_nonfinite_steps_skips_counts_and_finishes(tmp_path):
-    training.train_and_evaluate(_config(4), str(tmp_path))
+    pretraining.train_and_evaluate(_config(4), str(tmp_path))
     # Resumed with an absurd learning rate, every update overflows: all 4 steps are skipped.
-    summary = training.train_and_evaluate(_config(8, base_learning_rate=1e38), str(tmp_path))
+    summary = pretraining.train_and_evaluate(_config(8, base_learning_rate=1e38), str(tmp_path))
     assert summary["steps"] == 8
     rows = [r for r in monitor.read_metrics(str(tmp_path)) if "skipped" in r]
     assert [(r["step"], r["skipped"]) for r in rows] == [(s, float(s > 4)) for s in range(1, 9)]

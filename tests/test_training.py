@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from byol_jax import checkpoint, training
+from byol_jax import checkpoint, lifecycle
+from byol_jax.programs import pretraining
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = helpers.TINY_FLAGS
@@ -164,7 +165,7 @@ def test_sigterm_saves_and_exits_with_the_preemption_status(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == training.PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert process.returncode == lifecycle.PREEMPTED_EXIT_CODE, stderr[-3000:]
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and 2 <= saved[0] < 100000
     assert f"saved the checkpoint of step {saved[0]}" in stderr
@@ -246,7 +247,7 @@ def test_tfds_configs_train_on_mock_data_over_8_devices(tmp_path, name, split_ke
     config = _load(name, *overrides)
     assert config.data.train_split == split_key
     with tfds.testing.mock_data(num_examples=48):
-        summary = training.train_and_evaluate(config, str(tmp_path / "run"))
+        summary = pretraining.train_and_evaluate(config, str(tmp_path / "run"))
     assert summary["steps"] == 2
     if name != "imagenet":
         with tfds.testing.mock_data(num_examples=48):
@@ -299,7 +300,7 @@ def test_tfds_configs_train_on_mock_data_over_8_devices(tmp_path, name, split_ke
 def test_bad_config_is_a_clear_error_before_compilation(tmp_path, overrides, error, message):
     config = _load("quickstart", *overrides)
     with pytest.raises(error, match=message):
-        training.setup(config, str(tmp_path))
+        pretraining.setup(config, str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -311,7 +312,7 @@ def test_bad_config_is_a_clear_error_before_compilation(tmp_path, overrides, err
 )
 def test_the_learning_rate_schedule_the_run_uses(tmp_path, overrides, warmup):
     config = _load("quickstart", ("batch_size", 128), *overrides)
-    run = training.setup(config, str(tmp_path))
+    run = pretraining.setup(config, str(tmp_path))
     peak = config.base_learning_rate * 128 / 256
     params = {"w": np.ones((2, 2), np.float32)}
     state, rates = run.tx.init(params), []
@@ -337,8 +338,8 @@ def test_the_online_probe_needs_labels_in_the_pretraining_split(tmp_path):
     with pytest.raises(
         ValueError, match=r"online_probe=True.*'train', which has none.*online_probe=False"
     ):
-        training.setup(_load("quickstart", *overrides), str(tmp_path / "w"))
-    run = training.setup(
+        pretraining.setup(_load("quickstart", *overrides), str(tmp_path / "w"))
+    run = pretraining.setup(
         _load("quickstart", *overrides, ("online_probe", False)), str(tmp_path / "w")
     )
     assert run.learner.num_classes is None
@@ -349,7 +350,7 @@ def test_unknown_field_and_unwritable_workdir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(ValueError, match="cannot create the workdir"):
-        training.setup(config, str(blocker / "workdir"))
+        pretraining.setup(config, str(blocker / "workdir"))
     result = subprocess.run(
         _train_command(tmp_path / "w", "--config.bacth_size=8"),
         env=_env(),
@@ -370,13 +371,13 @@ def test_nonfinite_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
         ("warmup_epochs", 0),
         ("lr_schedule", "constant"),
     ]
-    training.train_and_evaluate(_load("quickstart", ("total_steps", 4), *common), str(tmp_path))
+    pretraining.train_and_evaluate(_load("quickstart", ("total_steps", 4), *common), str(tmp_path))
     # Resume the same run with an absurd learning rate: the first update overflows.
     diverging = _load("quickstart", ("total_steps", 8), ("base_learning_rate", 1e38), *common)
     with pytest.raises(
-        training.NonFiniteLossError, match=r"diverged at step 5:.*checkpoint: step 4 in"
+        lifecycle.NonFiniteLossError, match=r"diverged at step 5:.*checkpoint: step 4 in"
     ):
-        training.train_and_evaluate(diverging, str(tmp_path))
+        pretraining.train_and_evaluate(diverging, str(tmp_path))
     saved = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), read_only=True).all_steps()
     assert max(saved) == 4
     _, online, target = _final_params(tmp_path)  # the newest checkpoint holds finite numbers

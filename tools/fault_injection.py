@@ -157,9 +157,9 @@ def template_state(config, scratch):
     import jax  # noqa: PLC0415 (the tool's subprocesses must not wait for this import)
     import numpy as np  # noqa: PLC0415
 
-    from byol_jax import training  # noqa: PLC0415
+    from byol_jax.programs import pretraining  # noqa: PLC0415
 
-    run = training.setup(config, str(scratch))
+    run = pretraining.setup(config, str(scratch))
     images = np.zeros((2, config.image_size, config.image_size, 3), np.uint8)
     return jax.device_get(run.learner.init(jax.random.key(config.seed), images, run.tx))
 

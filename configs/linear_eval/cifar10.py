@@ -4,11 +4,11 @@ Batch 256 (lr 0.2 x 256/256), 80 epochs; training on random-resized crops and fl
 50,000 training images, testing on the 10,000 test images as they are (no crop at 32 px).
 """
 
-from byol_jax import linear_evaluation
+from byol_jax import default_config
 
 
 def get_config():
-    config = linear_evaluation.default_config()
+    config = default_config.linear_eval_config()
     config.batch_size = 256
     config.num_epochs = 80
     config.base_learning_rate = 0.2

@@ -7,11 +7,11 @@ for training, centre crops (224 of 256) for testing. The splits of the authors' 
 and the test set is the official validation set.
 """
 
-from byol_jax import linear_evaluation
+from byol_jax import default_config
 
 
 def get_config():
-    config = linear_evaluation.default_config()
+    config = default_config.linear_eval_config()
     config.batch_size = 1024
     config.num_epochs = 80
     config.base_learning_rate = 0.2

@@ -5,11 +5,11 @@ steps on a CPU in a minute or two.
         --config.pretrained_workdir=workdirs/quickstart --workdir workdirs/quickstart_linear
 """
 
-from byol_jax import linear_evaluation
+from byol_jax import default_config
 
 
 def get_config():
-    config = linear_evaluation.default_config()
+    config = default_config.linear_eval_config()
     config.batch_size = 128
     config.total_steps = 300
     config.base_learning_rate = 0.2

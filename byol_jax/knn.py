@@ -1,4 +1,4 @@
-"""Evaluating a representation: features of a dataset, and the weighted kNN classifier.
+"""The weighted kNN classifier that scores a representation during and after pre-training.
 
 kNN as lightly and solo-learn monitor BYOL: cosine similarity to a bank of training
 features, the k nearest vote for their class with weight exp(similarity / temperature).
@@ -8,28 +8,10 @@ It runs on the device in batches of queries, so a bank of 50,000 x 2048 features
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def extract_features(
-    embed_fn: Callable[[np.ndarray], jax.Array], batches: Iterable[dict]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``embed_fn`` (images [B, H, W, C] -> features [B, D]) over evaluation batches
-    (dicts with 'images', 'labels' and optionally 'mask') -> (features [N, D], labels [N]),
-    padding rows dropped, in input order."""
-    features, labels = [], []
-    for batch in batches:
-        out = np.asarray(embed_fn(batch["images"]))
-        keep = np.asarray(batch.get("mask", np.ones(len(out), bool)))
-        features.append(out[keep])
-        labels.append(np.asarray(batch["labels"])[keep])
-    if not features:
-        raise ValueError("no evaluation batches: the evaluation split is empty.")
-    return np.concatenate(features), np.concatenate(labels)
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "k"))

@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from byol_jax import input_pipeline  # noqa: E402
+from byol_jax import data as datasets  # noqa: E402
 
 H200_IMAGES_PER_S = 2600
 SHARED_CIFAR = (
@@ -72,7 +72,7 @@ def throughput(batches, batch_size: int, seconds: float) -> tuple[float, float]:
 def measure(name, data, image_size, batch_size, threads, seconds) -> None:
     for n in threads:
         data.num_threads = n
-        batches = input_pipeline.pretrain_batches(
+        batches = datasets.pretrain_batches(
             data, global_batch_size=batch_size, image_size=image_size, seed=0
         )
         wall, per_cpu = throughput(batches, batch_size, seconds)
@@ -98,7 +98,7 @@ def main() -> None:
         print(
             f"(a) {args.jpegs} synthetic JPEGs, 500x375, mean {size_kb:.0f} KB (ImageNet: ~110 KB)"
         )
-        data = input_pipeline.default_data_config()
+        data = datasets.default_data_config()
         data.update(source="folder", folder=str(folder), host_crop=True)
         name = "(a) JPEG decode + 2 random-resized crops to 224"
         measure(name, data, 224, 32, args.threads, args.seconds)

@@ -15,7 +15,9 @@ and built with :func:`make_view`. Named recipes give the pairs of views:
 * ``seed``: byol-pytorch's default pipeline (torchvision semantics), drawn per image.
 
 For ImageNet the host does the random resized crop (images differ in size there) and
-the device runs the rest: ``crop=False`` says the input already has the output size.
+the device runs the rest: ``crop=False`` says the input already has the output size. Host
+and device crop with the same box sampler and resize (:mod:`byol_jax.image_ops`), so the
+two places give the same image of the same box.
 
 dm-pix supplies the primitives (brightness, contrast, HSV saturation and hue, solarize,
 flip). It has no random resized crop, no apply-with-probability and no random order
@@ -35,19 +37,24 @@ import dm_pix as pix
 import jax
 import jax.numpy as jnp
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from byol_jax import image_ops, view_ops
+
+# What users imported from augment before these lived in image_ops / view_ops.
+from byol_jax.image_ops import IMAGENET_MEAN, IMAGENET_STD, crop_and_resize  # noqa: F401
+from byol_jax.view_ops import (  # noqa: F401
+    color_jitter,
+    gaussian_blur,
+    per_image,
+    random_resized_crop_box,
+)
 
 # The boolean per-image decisions a view draws, one per randomly applied op.
 DECISIONS = ("flip", "color_jitter", "grayscale", "blur", "solarize")
 
 AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]
 
-_RESIZE_METHODS = {"bilinear": "linear", "bicubic": "cubic"}
 _JITTER_STYLES = ("byol", "torchvision")
 _BLUR_PADDINGS = ("zeros", "reflect")
-# torchvision's RandomResizedCrop tries 10 boxes before falling back to a centre crop.
-_CROP_TRIES = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +73,8 @@ class ViewConfig:
       crop_ratio: range of the crop's width / height (log-uniform).
       crop_last: crop after the other ops (the seed's torchvision order).
       resize_method: ``'bicubic'`` (the paper) or ``'bilinear'`` (torchvision's default).
-        Both resample with ``jax.image.scale_and_translate`` (antialiased when shrinking).
+        Both resample with :func:`byol_jax.image_ops.crop_and_resize` (antialiased when
+        shrinking), as the host's crops do.
       allow_upscale: allow ``image_size`` above the input's shorter side.
       flip_p: probability of a horizontal flip.
       color_jitter_p: probability of the colour jitter.
@@ -144,7 +152,7 @@ def _validate_view_config(c: ViewConfig) -> None:
     _check_range("crop_area", c.crop_area, upper=1.0)
     _check_range("crop_ratio", c.crop_ratio)
     _check_range("blur_sigma", c.blur_sigma)
-    _check_choice("resize_method", c.resize_method, tuple(_RESIZE_METHODS))
+    _check_choice("resize_method", c.resize_method, tuple(image_ops.RESIZE_METHODS))
     _check_choice("color_jitter_style", c.color_jitter_style, _JITTER_STYLES)
     _check_choice("blur_padding", c.blur_padding, _BLUR_PADDINGS)
     k = c.blur_kernel_size
@@ -172,201 +180,6 @@ def blur_kernel_size(config: ViewConfig, side: int) -> int:
         return config.blur_kernel_size
     # The official BYOL code: kernel_size = side / 10, radius = int(kernel_size / 2).
     return 2 * int(side / 10 / 2) + 1
-
-
-# ---------------------------------------------------------------------------------------
-# Building blocks, one image at a time ([H, W, C] float in [0, 1]); vmap them over a batch.
-# ---------------------------------------------------------------------------------------
-
-
-def random_resized_crop_box(
-    key: jax.Array,
-    height: int,
-    width: int,
-    area_range: tuple[float, float] = (0.08, 1.0),
-    ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
-    num_tries: int = _CROP_TRIES,
-) -> jax.Array:
-    """Samples a crop box as torchvision's RandomResizedCrop does, without Python loops.
-
-    ``num_tries`` candidate boxes are drawn at once (area uniform in ``area_range`` times
-    the image area, width / height log-uniform in ``ratio_range``); the first that fits
-    is kept, placed uniformly. If none fits, the box is the centre crop of the whole
-    image with its ratio clamped into ``ratio_range``. Boxes are continuous (sub-pixel)
-    where torchvision rounds to whole pixels.
-
-    Returns:
-      float32 ``[4]``: ``(top, left, height, width)`` in input pixels.
-    """
-    k_area, k_ratio, k_top, k_left = jax.random.split(key, 4)
-    area = (
-        height
-        * width
-        * jax.random.uniform(k_area, (num_tries,), minval=area_range[0], maxval=area_range[1])
-    )
-    log_lo, log_hi = math.log(ratio_range[0]), math.log(ratio_range[1])
-    ratio = jnp.exp(jax.random.uniform(k_ratio, (num_tries,), minval=log_lo, maxval=log_hi))
-    crop_h, crop_w = jnp.sqrt(area / ratio), jnp.sqrt(area * ratio)
-    fits = (crop_h <= height) & (crop_w <= width)
-    first = jnp.argmax(fits)
-    any_fits = jnp.any(fits)
-    fallback_h, fallback_w = _centre_crop_size(height, width, ratio_range)
-    crop_h = jnp.where(any_fits, crop_h[first], fallback_h)
-    crop_w = jnp.where(any_fits, crop_w[first], fallback_w)
-    # The fallback is centred: a uniform offset of 0.5 of the free space.
-    u_top = jnp.where(any_fits, jax.random.uniform(k_top), 0.5)
-    u_left = jnp.where(any_fits, jax.random.uniform(k_left), 0.5)
-    box = (u_top * (height - crop_h), u_left * (width - crop_w), crop_h, crop_w)
-    return jnp.stack(box).astype(jnp.float32)
-
-
-def _centre_crop_size(height: int, width: int, ratio_range: tuple[float, float]):
-    """torchvision's fallback: the whole image, with its ratio clamped into the range."""
-    in_ratio = width / height
-    if in_ratio < ratio_range[0]:
-        return width / ratio_range[0], float(width)
-    if in_ratio > ratio_range[1]:
-        return float(height), height * ratio_range[1]
-    return float(height), float(width)
-
-
-def crop_and_resize(
-    image: jax.Array, box: jax.Array, size: int, method: str = "bicubic"
-) -> jax.Array:
-    """Resamples the ``box`` of ``image`` to ``[size, size, C]``.
-
-    One ``jax.image.scale_and_translate`` call (separable, matmul-based, antialiased when
-    shrinking): no dynamic shapes, so it runs under vmap/jit on any accelerator.
-    Bicubic output can overshoot [0, 1] and is clipped.
-
-    Args:
-      image: ``[H, W, C]`` float.
-      box: ``[4]`` ``(top, left, height, width)`` in input pixels.
-      size: static output side.
-      method: ``'bicubic'`` or ``'bilinear'``.
-    """
-    top, left, crop_h, crop_w = box[0], box[1], box[2], box[3]
-    scale = jnp.stack([size / crop_h, size / crop_w])
-    # Output pixel o samples input coordinate (o + 0.5) / scale + (top, left).
-    translation = -jnp.stack([top, left]) * scale
-    out = jax.image.scale_and_translate(
-        image,
-        (size, size, image.shape[-1]),
-        (0, 1),
-        scale,
-        translation,
-        method=_RESIZE_METHODS[method],
-        antialias=True,
-    )
-    return jnp.clip(out, 0.0, 1.0)
-
-
-def color_jitter(
-    image: jax.Array,
-    order: jax.Array,
-    brightness: jax.Array | float,
-    contrast: jax.Array | float,
-    saturation: jax.Array | float,
-    hue: jax.Array | float,
-    style: str = "byol",
-) -> jax.Array:
-    """Applies brightness, contrast, saturation and hue in ``order``, clipping after each.
-
-    Args:
-      image: ``[H, W, 3]`` float in [0, 1].
-      order: int ``[4]``, a permutation of 0..3 (0 brightness, 1 contrast, 2 saturation,
-        3 hue).
-      brightness: additive delta (``'byol'``) or multiplicative factor (``'torchvision'``).
-      contrast, saturation: factors (1 = unchanged).
-      hue: shift of the hue, in turns of the colour wheel.
-      style: ``'byol'`` (official BYOL / TF semantics) or ``'torchvision'``.
-
-    Returns:
-      ``[H, W, 3]`` float in [0, 1].
-    """
-    ops = _BYOL_JITTER_OPS if style == "byol" else _TORCHVISION_JITTER_OPS
-    amounts = (brightness, contrast, saturation, hue)
-    # Each slot applies the op whose index order[slot] holds. A chain of wheres (exactly one
-    # fires) rather than lax.switch: vmapped over images, switch computes every branch too
-    # but selects among materialised outputs, about 4x slower than this fused chain.
-    for slot in range(4):
-        for index, (op, amount) in enumerate(zip(ops, amounts, strict=True)):
-            fired = jnp.clip(op(image, amount), 0.0, 1.0)
-            image = jnp.where(order[slot] == index, fired, image)
-    return image
-
-
-# Rec. 601 luma weights, as dm-pix, TF and torchvision use for grayscale.
-_LUMA = (0.2989, 0.5870, 0.1140)
-
-
-def _luma(image: jax.Array) -> jax.Array:
-    """``[H, W, 3]`` -> ``[H, W, 1]`` luma.
-
-    pix.rgb_to_grayscale is a tensordot, which XLA:CPU runs several times slower under
-    vmap than this weighted sum of the channels.
-    """
-    return sum(w * image[..., c : c + 1] for c, w in enumerate(_LUMA))
-
-
-def _gray(image: jax.Array) -> jax.Array:
-    """Grayscale of ``[H, W, 3]``, kept as 3 channels."""
-    return jnp.broadcast_to(_luma(image), image.shape)
-
-
-def _blend(image: jax.Array, other: jax.Array, factor: jax.Array) -> jax.Array:
-    return factor * image + (1.0 - factor) * other
-
-
-_BYOL_JITTER_OPS = (
-    pix.adjust_brightness,
-    pix.adjust_contrast,  # per-channel spatial mean, as in the official code
-    pix.adjust_saturation,
-    pix.adjust_hue,
-)
-_TORCHVISION_JITTER_OPS = (
-    lambda x, f: x * f,
-    lambda x, f: _blend(x, jnp.mean(_luma(x)), f),
-    lambda x, f: _blend(x, _luma(x), f),
-    pix.adjust_hue,
-)
-
-
-def gaussian_blur(
-    image: jax.Array, sigma: jax.Array | float, kernel_size: int, padding: str = "zeros"
-) -> jax.Array:
-    """Separable Gaussian blur of ``[H, W, C]`` with a static odd ``kernel_size``.
-
-    ``'zeros'`` pads with zeros (dm-pix ``SAME``, the official BYOL code); ``'reflect'``
-    mirrors the border (torchvision), so edges do not darken.
-
-    Written as a sum of shifted slices rather than with pix.gaussian_blur: vmapped with
-    one sigma per image, its depthwise convolution becomes a grouped convolution with
-    N * C groups, which XLA:CPU runs about 10x slower. The results agree (tested).
-    """
-    radius = kernel_size // 2
-    offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
-    taps = jnp.exp(-(offsets**2) / (2.0 * sigma**2))
-    taps = taps / jnp.sum(taps)
-    height, width = image.shape[0], image.shape[1]
-    mode = "constant" if padding == "zeros" else "reflect"
-    padded = jnp.pad(image, ((radius, radius), (radius, radius), (0, 0)), mode=mode)
-    rows = sum(taps[i] * padded[i : i + height] for i in range(kernel_size))
-    return sum(taps[i] * rows[:, i : i + width] for i in range(kernel_size))
-
-
-def per_image(fn: Callable[[jax.Array, jax.Array], jax.Array]) -> AugmentFn:
-    """Turns ``fn(key, image[H, W, C]) -> image`` into a batch view with one key per image.
-
-    The result has the view signature ``(key, images[N, H, W, C]) -> [N, ...]``; use it
-    to write your own ``augment_fn`` from per-image code.
-    """
-
-    def batch_fn(key: jax.Array, images: jax.Array) -> jax.Array:
-        keys = jax.random.split(key, images.shape[0])
-        return jax.vmap(fn)(keys, images)
-
-    return batch_fn
 
 
 # ---------------------------------------------------------------------------------------
@@ -469,7 +282,7 @@ def _apply_one(config: ViewConfig, image: jax.Array, p: dict[str, jax.Array]) ->
         style=c.color_jitter_style,
     )
     image = _apply_if(p["color_jitter"], c.color_jitter_p, jitter, image)
-    image = _apply_if(p["grayscale"], c.grayscale_p, _gray, image)
+    image = _apply_if(p["grayscale"], c.grayscale_p, view_ops.grayscale, image)
     kernel = blur_kernel_size(c, min(image.shape[0], image.shape[1]))
     if kernel > 1:
         blur = functools.partial(
@@ -481,9 +294,7 @@ def _apply_one(config: ViewConfig, image: jax.Array, p: dict[str, jax.Array]) ->
     if c.crop and c.crop_last:
         image = crop_and_resize(image, p["crop_box"], c.image_size, c.resize_method)
     image = jnp.clip(image, 0.0, 1.0)
-    if c.normalize:
-        image = (image - jnp.asarray(c.mean, jnp.float32)) / jnp.asarray(c.std, jnp.float32)
-    return image
+    return image_ops.normalize(image, c.mean, c.std) if c.normalize else image
 
 
 def _apply_if(decision: jax.Array, p: float, fn: Callable, image: jax.Array) -> jax.Array:
@@ -514,18 +325,10 @@ def prepare_images(config: ViewConfig, images: jax.Array) -> jax.Array:
             f"images must be a batch [N, H, W, C], got shape {images.shape}; "
             "add a batch axis with images[None] for a single image."
         )
-    images = _to_unit_float(images)
+    images = image_ops.to_unit_float(images)
     images = _to_rgb(config, images)
     _check_sizes(config, images.shape[1], images.shape[2])
     return images
-
-
-def _to_unit_float(images: jax.Array) -> jax.Array:
-    if images.dtype == jnp.uint8:
-        return images.astype(jnp.float32) / 255.0
-    if jnp.issubdtype(images.dtype, jnp.floating):
-        return images.astype(jnp.float32)
-    raise TypeError(f"images must be uint8 (0-255) or float in [0, 1], got dtype {images.dtype}.")
 
 
 def _to_rgb(config: ViewConfig, images: jax.Array) -> jax.Array:

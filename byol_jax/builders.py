@@ -6,6 +6,7 @@ and ahead-of-time compilation build the very same things from a config.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from byol_jax import augment, byol, default_config, ema, networks, optim
+from byol_jax import augment, byol, default_config, ema, image_ops, networks, optim
 
 
 def sample_images(config: ml_collections.ConfigDict) -> np.ndarray:
@@ -21,22 +22,26 @@ def sample_images(config: ml_collections.ConfigDict) -> np.ndarray:
     return np.zeros((2, config.image_size, config.image_size, 3), np.uint8)
 
 
-def build_encoder(config: ml_collections.ConfigDict, dtype=jnp.float32):
-    """The encoder module the config names."""
+def build_encoder(config: ml_collections.ConfigDict, dtype=jnp.float32, backend: str | None = None):
+    """The encoder module the config names. ``backend`` is where the step will run (default:
+    this process's JAX backend); it decides how convolutions are sliced (networks.Conv)."""
+    backend = backend or jax.default_backend()
     return networks.encoder_by_name(
         config.encoder,
         width_multiplier=config.width_multiplier,
         num_filters=config.num_filters,
         cifar_stem=config.cifar_stem,
         dtype=dtype,
+        conv_chunk=networks.CPU_CONV_CHUNK if backend == "cpu" else None,
     )
 
 
-def compute_dtype(name: str):
+def compute_dtype(name: str, backend: str | None = None):
     """'float32', 'bfloat16', or 'auto': bfloat16 on GPU/TPU (parameters, optimiser state, EMA
-    and loss stay float32), float32 on the CPU, where bf16 was slower (README, "Measured")."""
+    and loss stay float32), float32 on the CPU, where bf16 was slower (README, "Measured").
+    ``backend``: where the step will run (default: this process's JAX backend)."""
     if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        return jnp.float32 if (backend or jax.default_backend()) == "cpu" else jnp.bfloat16
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(name)
     if dtype is None:
         raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}.")
@@ -44,11 +49,16 @@ def compute_dtype(name: str):
 
 
 def build_learner(
-    config: ml_collections.ConfigDict, total_steps: int, num_classes: int | None = None
+    config: ml_collections.ConfigDict,
+    total_steps: int,
+    num_classes: int | None = None,
+    backend: str | None = None,
 ) -> byol.BYOL:
     """The BYOL learner of a config: encoder, views, tau schedule, precision, and the online
-    probe when ``config.online_probe`` and the data has ``num_classes`` classes."""
-    dtype = compute_dtype(config.dtype)
+    probe when ``config.online_probe`` and the data has ``num_classes`` classes. ``backend``
+    (default: this process's) is the platform the step is built for: 'tpu' when compiling
+    ahead of time for a TPU from a CPU host."""
+    dtype = compute_dtype(config.dtype, backend)
     view1, view2 = augment.recipe_configs(
         config.augment.name,
         config.image_size,
@@ -65,7 +75,7 @@ def build_learner(
             f"tau_schedule must be 'cosine' or 'constant', got {config.tau_schedule!r}."
         )
     return byol.BYOL(
-        build_encoder(config, dtype),
+        build_encoder(config, dtype, backend),
         image_size=config.image_size,
         hidden_layer=config.hidden_layer,
         projection_size=config.projection_size,
@@ -104,14 +114,9 @@ def check_host_crop(config: ml_collections.ConfigDict) -> None:
 
 def _eval_preprocess(view: augment.ViewConfig):
     """What the encoder sees at evaluation: the view's normalisation, no randomness."""
-    mean, std = jnp.asarray(view.mean), jnp.asarray(view.std)
-
-    def preprocess(images):
-        x = images.astype(jnp.float32)
-        x = x / 255.0 if images.dtype == jnp.uint8 else x
-        return (x - mean) / std if view.normalize else x
-
-    return preprocess
+    if not view.normalize:
+        return image_ops.to_unit_float
+    return functools.partial(image_ops.normalize, mean=view.mean, std=view.std)
 
 
 def build_optimizer(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int):

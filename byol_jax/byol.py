@@ -17,15 +17,11 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from byol_jax import ema, encoders, losses, networks, parallel
+from byol_jax import ema, encoders, image_ops, losses, networks, parallel
 
 PyTree = Any
 AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]
 DEFAULT_AXIS = "batch"
-
-# Mean / std of ImageNet in [0, 1] units, used to normalise images for the encoder.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @struct.dataclass
@@ -47,27 +43,25 @@ class ByolState:
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
 
-def normalize_images(images: jax.Array) -> jax.Array:
-    """uint8 [0, 255] or float [0, 1] images [..., 3] -> float32 normalised with ImageNet
-    mean/std: what the default view functions end with, and what ``embed`` applies."""
-    x = images.astype(jnp.float32)
-    if images.dtype == jnp.uint8:
-        x = x / 255.0
-    return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+# What ``embed`` applies by default, and what the default views end with: uint8 or [0, 1]
+# images -> float32 normalised with the ImageNet mean and std.
+normalize_images = image_ops.normalize
 
 
 class BYOL:
     """Bootstrap Your Own Latent around any Flax encoder.
 
     Args:
-      encoder: a Flax module mapping images [N, H, W, C] to features (``byol_jax.encoders``
-        says what is accepted). If its ``__call__`` takes a ``train`` argument, it is passed
-        (BatchNorm mode); with an ``axis_name`` field its BatchNorm syncs across devices.
+      encoder: a Flax Linen or NNX module mapping images [N, H, W, C] to features
+        (``byol_jax.encoders`` says how each is driven: a Linen ``train`` argument, an
+        ``axis_name`` field for cross-replica BatchNorm; NNX ``train()`` / ``eval()`` and
+        ``nnx.BatchNorm``).
       image_size: the side of the (square) images the encoder sees after augmentation.
       hidden_layer: where the representation comes from. None (or -1) = the encoder's output;
-        a str = the path of a submodule ('avgpool', 'stage4_block2', 'a/b'); an int = an index
-        into the encoder's direct submodules in call order (the seed's ``hidden_layer=-2``).
-        The chosen tensor is flattened to [N, D].
+        a str = the path of a submodule ('avgpool', 'stage4_block2', 'a/b'; NNX: attribute
+        names and list indices, 'blocks.3'); an int = an index into the encoder's direct
+        submodules (Linen: in call order; NNX: in assignment order), as the seed's
+        ``hidden_layer=-2``. The chosen tensor is flattened to [N, D].
       projection_size, projection_hidden_size: sizes of the projector and predictor MLPs.
       augment_fn, augment_fn2: ``(key, images) -> images`` per view; the second defaults to the
         first. None selects the paper's ``byol`` recipe from ``byol_jax.augment``.
@@ -343,11 +337,11 @@ class BYOL:
         if not jax.tree.leaves(state.online_batch_stats.get("encoder", {})):
             return  # no BatchNorm in the encoder: nothing to synchronise
         raise ValueError(
-            f"{self._encoder.name} has BatchNorm statistics but no `axis_name` field, so its "
-            f"BatchNorm cannot average over the {jax.lax.axis_size(axis)} devices the step runs "
-            f"on (sync_batchnorm={self.sync_batchnorm} asks for cross-replica BatchNorm). Add a "
-            "field `axis_name: str | None = None` to the module and pass it to its BatchNorm "
-            "layers, or pass sync_batchnorm=False to keep per-device statistics."
+            f"{self._encoder.name} cannot average its BatchNorm statistics over the "
+            f"{jax.lax.axis_size(axis)} devices the step runs on (sync_batchnorm="
+            f"{self.sync_batchnorm} asks for cross-replica BatchNorm): it "
+            f"{self._encoder.cannot_sync}, or pass sync_batchnorm=False to keep per-device "
+            "statistics."
         )
 
     def _views(self, images, key, axis):

@@ -18,6 +18,7 @@ import optax
 from flax import struct
 
 from byol_jax import knn, optim, parallel
+from byol_jax.data import ordering
 
 PyTree = Any
 TOP_K = (1, 5)
@@ -179,20 +180,11 @@ def train_linear_classifier(
     state = init_classifier(features.shape[1], num_classes, tx)
     step_fn = jax.jit(classifier_step, donate_argnums=0)
     for step in range(steps):
-        rows = _batch_rows(seed, step, batch_size, len(labels))
+        # The data package's ordering contract: epoch e visits default_rng([seed, e]).permutation.
+        positions = ordering.stream_positions(step, batch_size, 0, 1)
+        rows = ordering.example_indices(seed, positions, len(labels))
         state, _ = step_fn(state, features[rows], labels[rows])
     return state
-
-
-def _batch_rows(seed: int, step: int, batch_size: int, num_examples: int) -> np.ndarray:
-    """Rows of batch `step`: stream positions step*B .. step*B+B-1, epoch by epoch permuted."""
-    positions = np.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, offsets = np.divmod(positions, num_examples)
-    rows = np.empty_like(positions)
-    for epoch in np.unique(epochs):
-        order = np.random.default_rng([seed, int(epoch)]).permutation(num_examples)
-        rows[epochs == epoch] = order[offsets[epochs == epoch]]
-    return rows
 
 
 def evaluate_linear(

@@ -10,7 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from byol_jax import checkpoint
-from byol_jax import input_pipeline as datasets
+from byol_jax import data as datasets
 
 # What a wrong --workdir, --split or --data.* raises: a message, not a traceback.
 USER_ERRORS = (checkpoint.CheckpointError, ValueError, TypeError)

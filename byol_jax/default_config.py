@@ -16,7 +16,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from byol_jax import augment
-from byol_jax import input_pipeline as datasets
+from byol_jax import data as datasets
 
 # The official code's presets by pre-training length (docs/recipe.md#epoch-presets).
 EPOCH_PRESETS = {

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from byol_jax import byol
-from byol_jax import input_pipeline as datasets
+from byol_jax import data as datasets
 
 
 def embed_dataset(

@@ -260,8 +260,8 @@ def save_pictures(
     """Draws ``pictures`` of a trained learner and writes them as PNG to ``out_dir``:
     {picture: path}. The bank is the first ``bank_size`` examples of ``data.train_split``,
     the queries are drawn at random from ``split`` (default ``data.eval_split``)."""
+    from byol_jax import data as datasets  # noqa: PLC0415
     from byol_jax import features  # noqa: PLC0415
-    from byol_jax import input_pipeline as datasets  # noqa: PLC0415
 
     unknown = set(pictures) - set(PICTURES)
     if unknown:

@@ -64,12 +64,13 @@ def independent_knn(workdir, config) -> tuple[float, int]:
     """(kNN top-1, number of queries) of the trained state in ``workdir``, recomputed outside
     the training program: the state as ``pretrained.load`` gives it, embedded split by split,
     voted in NumPy."""
-    from byol_jax import features, input_pipeline, pretrained  # noqa: PLC0415
+    from byol_jax import data as datasets  # noqa: PLC0415
+    from byol_jax import features, pretrained  # noqa: PLC0415
 
     learner, state = pretrained.load(str(workdir))
     features = {
         split: features.embed_dataset(learner, state, config.data, split)
-        for split in (input_pipeline.probe_split(config.data), config.data.eval_split)
+        for split in (datasets.probe_split(config.data), config.data.eval_split)
     }
     bank, queries = features.values()
     return knn_top1(

@@ -153,16 +153,6 @@ def test_crop_falls_back_to_a_centre_crop_when_no_box_fits():
     np.testing.assert_allclose(box, [(8 - 0.8) / 2, 0.0, 0.8, 8.0], rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["bilinear", "bicubic"])
-def test_crop_and_resize_samples_the_box(method):
-    image = jnp.asarray(_images(1, 8, 8, dtype=np.float32)[0])
-    quadrant = augment.crop_and_resize(image, jnp.array([4.0, 0.0, 4.0, 4.0]), 4, method)
-    np.testing.assert_allclose(quadrant, image[4:, :4], atol=1e-6)
-    whole = augment.crop_and_resize(image, jnp.array([0.0, 0.0, 8.0, 8.0]), 4, method)
-    resized = jax.image.resize(image, (4, 4, 3), method, antialias=True)
-    np.testing.assert_allclose(whole, np.clip(resized, 0, 1), atol=1e-6)
-
-
 def test_output_has_the_static_size_asked_for():
     # Crop first (byol) and crop last (seed), from a non-square input.
     for view in (augment.recipe("byol", 12)[0], augment.recipe("seed", 12)[0]):

@@ -11,7 +11,8 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from byol_jax import augment, builders, byol, checkpoint, input_pipeline, networks, parallel
+from byol_jax import augment, builders, byol, checkpoint, networks, parallel
+from byol_jax import data as datasets
 from byol_jax.programs import pretraining
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -63,7 +64,7 @@ def _images(folder: pathlib.Path, count: int, corrupt: int | None = None):
 def _corrupt_jpeg(tmp):
     _images(tmp / "images" / "train", 8, corrupt=3)
     data = _config(("data.source", "folder"), ("data.folder", str(tmp / "images"))).data
-    next(input_pipeline.pretrain_batches(data, global_batch_size=8, image_size=16, seed=0))
+    next(datasets.pretrain_batches(data, global_batch_size=8, image_size=16, seed=0))
 
 
 def _empty_folder(tmp):
@@ -74,12 +75,12 @@ def _empty_folder(tmp):
 def _unlabelled_for_linear_eval(tmp):
     _images(tmp / "images" / "train", 4)
     data = _config(("data.source", "folder"), ("data.folder", str(tmp / "images"))).data
-    input_pipeline.require_labels(data, "train")
+    datasets.require_labels(data, "train")
 
 
 def _float_arrays(tmp):
     data = _config(("data.source", "arrays")).data
-    input_pipeline.dataset_info(data, {"train": {"images": np.zeros((4, 8, 8, 3), np.float32)}})
+    datasets.dataset_info(data, {"train": {"images": np.zeros((4, 8, 8, 3), np.float32)}})
 
 
 def _architecture_mismatch(tmp):

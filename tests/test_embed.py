@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from byol_jax import checkpoint, features, input_pipeline, pretrained
+from byol_jax import checkpoint, features, pretrained
+from byol_jax import data as datasets
+from byol_jax.data.digits import digits_splits
 from byol_jax.programs import pretraining
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -87,7 +89,7 @@ def _embed_command(*args, timeout=180):
 def _eval_split(data, split, image_size):
     """(images, labels, file names or None) of a split as eval_batches yields them, unpadded."""
     batches = list(
-        input_pipeline.eval_batches(data, split=split, batch_size=1000, image_size=image_size)
+        datasets.eval_batches(data, split=split, batch_size=1000, image_size=image_size)
     )
     keep = np.concatenate([b["mask"] for b in batches])
     take = lambda key: np.concatenate([b[key] for b in batches])[keep]
@@ -114,7 +116,7 @@ def test_command_writes_one_row_per_input_equal_to_the_in_memory_state(trained, 
 
     images, labels, _ = _eval_split(config.data, "train", config.image_size)
     np.testing.assert_array_equal(written["labels"], labels)
-    np.testing.assert_array_equal(labels, input_pipeline._digits(16)["train"]["labels"])
+    np.testing.assert_array_equal(labels, digits_splits(16)["train"]["labels"])
     # The in-memory state, on the whole split in one call (a batch shape the command never used).
     projections, representations = learner.embed(state, images, return_projection=True)
     assert written["representations"].shape == (1437, 2 * config.num_filters)  # tiny: 2 stages
@@ -128,7 +130,7 @@ def test_restored_workdir_embeds_exactly_as_the_in_memory_state(trained):
     workdir, config, learner, state = trained
     restored_learner, restored = pretrained.load(str(workdir))
     assert int(restored.step) == 3
-    images = input_pipeline._digits(16)["train"]["images"][:50]
+    images = digits_splits(16)["train"]["images"][:50]
     np.testing.assert_array_equal(
         np.asarray(restored_learner.embed(restored, images)),
         np.asarray(learner.embed(state, images)),
@@ -152,7 +154,7 @@ def _image_folder(root, images, labels):
 
 def test_folder_gives_file_names_in_input_order_and_npy_files(trained, tmp_path):
     workdir, config, learner, state = trained
-    digits = input_pipeline._digits(16)["test"]
+    digits = digits_splits(16)["test"]
     _image_folder(tmp_path / "images", digits["images"][:7], [0, 1, 0, 1, 1, 0, 2])
     data = features.data_config_for(config.data, folder=tmp_path / "images")
     assert data.source == "folder" and data.image_key == config.data.image_key
@@ -221,7 +223,7 @@ def test_limit_and_kept_images_follow_the_input_order(trained):
     first = features.embed_dataset(
         learner, state, config.data, "test", batch_size=32, limit=40, keep_images=True
     )
-    digits = input_pipeline._digits(16)["test"]
+    digits = digits_splits(16)["test"]
     assert first["representations"].shape == (40, 2 * config.num_filters)
     np.testing.assert_array_equal(first["images"], digits["images"][:40])
     np.testing.assert_array_equal(first["labels"], digits["labels"][:40])

@@ -17,7 +17,8 @@ import pytest
 import reference as ref
 
 import byol_jax
-from byol_jax import augment, input_pipeline, networks, parallel
+from byol_jax import augment, networks, parallel
+from byol_jax import data as datasets
 from byol_jax.programs import pretraining
 
 IDENTITY = lambda key, x: x
@@ -256,7 +257,7 @@ def test_five_trainer_steps_follow_an_independent_loop(tmp_path):
     learner, replicas = run.learner, run.replicas
     init_key, step_key = jax.random.split(jax.random.key(config.seed))
     state = learner.init(init_key, np.zeros((2, 16, 16, 3), np.uint8), run.tx)
-    batches = input_pipeline.pretrain_batches(
+    batches = datasets.pretrain_batches(
         config.data, global_batch_size=16, image_size=16, seed=config.seed
     )
     step = replicas.map(learner.train_step, donate_state=False)

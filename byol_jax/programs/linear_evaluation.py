@@ -28,7 +28,7 @@ import optax
 from flax import struct
 
 from byol_jax import byol, checkpoint, classifier, lifecycle, loop, monitor, parallel, pretrained
-from byol_jax import input_pipeline as datasets
+from byol_jax import data as datasets
 
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"

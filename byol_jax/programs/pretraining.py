@@ -29,7 +29,7 @@ import jax
 import ml_collections
 
 from byol_jax import builders, byol, checkpoint, features, knn, lifecycle, loop, monitor, parallel
-from byol_jax import input_pipeline as datasets
+from byol_jax import data as datasets
 
 log = logging.getLogger(__name__)
 

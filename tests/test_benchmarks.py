@@ -8,6 +8,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import gpu_run  # noqa: E402
+import nnx_step  # noqa: E402
 import pytest  # noqa: E402
 import quality  # noqa: E402
 import throughput  # noqa: E402
@@ -73,3 +74,9 @@ def test_gpu_script_runs_at_tiny_size_on_the_cpu(tmp_path):
     assert [r["name"] for r in results] == ["resnet50-224-bf16", "resnet18-32-f32"]
     assert all(r["images_per_s"] > 0 for r in results)
     assert "| setting |" in (tmp_path / "results.md").read_text()
+
+
+def test_nnx_step_benchmark_runs_all_three_variants():
+    result = nnx_step.main(["--batch", "8", "--image-size", "8", "--width", "4", "--steps", "1", "--rounds", "1"])  # fmt: skip
+    assert set(result["median_s"]) == {"linen", "nnx", "nnx_bridge_tolinen"}
+    assert all(seconds > 0 for seconds in result["median_s"].values())

@@ -363,7 +363,7 @@ def test_an_encoder_that_cannot_sync_its_batchnorm_is_refused_when_mapped(mode):
     for sync in (None, True):
         learner = _learner(encoder=PerDeviceEncoder(), sync_batchnorm=sync)
         state = replicas.replicate(learner.init(jax.random.key(0), images, optax.sgd(0.1)))
-        with pytest.raises(ValueError, match=r"PerDeviceEncoder has BatchNorm statistics but no `axis_name`.*8 devices.*sync_batchnorm=False"):  # fmt: skip
+        with pytest.raises(ValueError, match=r"PerDeviceEncoder cannot average its BatchNorm statistics over the 8 devices.*no `axis_name` field.*sync_batchnorm=False"):  # fmt: skip
             replicas.map(learner.train_step)(state, *args)
     # Asked for per-device statistics, or on one device, it trains.
     learner = _learner(encoder=PerDeviceEncoder(), sync_batchnorm=False)

@@ -1,4 +1,5 @@
-"""notebooks/quickstart.ipynb: committed clean, and runs top to bottom at a tiny size."""
+"""The notebooks (quickstart: a Linen model; nnx: an NNX model): committed clean, and each runs
+top to bottom at a tiny size."""
 
 import base64
 import io
@@ -17,6 +18,7 @@ from jupyter_client.manager import KernelManager  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
+NNX_NOTEBOOK = REPO / "notebooks" / "nnx.ipynb"
 
 
 def _kernel_manager(tmp_path) -> KernelManager:
@@ -33,8 +35,9 @@ def _kernel_manager(tmp_path) -> KernelManager:
     return KernelManager(kernel_name="byol-jax-test", kernel_spec_manager=specs)
 
 
-def test_notebook_is_committed_without_outputs():
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
+@pytest.mark.parametrize("path", [NOTEBOOK, NNX_NOTEBOOK], ids=["quickstart", "nnx"])
+def test_notebook_is_committed_without_outputs(path):
+    notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert code and all(not c.outputs and c.execution_count is None for c in code)
@@ -42,26 +45,44 @@ def test_notebook_is_committed_without_outputs():
     assert 'hidden_layer="pool"' in "".join(c.source for c in code)
 
 
-@pytest.mark.slow
-def test_notebook_runs_top_to_bottom_at_a_tiny_size(tmp_path, monkeypatch):
+def _execute(path, tmp_path, monkeypatch) -> tuple[str, list]:
+    """Runs the notebook at 3 steps of 16 images: (its printed text, its outputs)."""
     monkeypatch.setenv("BYOL_NOTEBOOK_STEPS", "3")
     monkeypatch.setenv("BYOL_NOTEBOOK_BATCH_SIZE", "16")
-    monkeypatch.setenv("BYOL_NOTEBOOK_MAP", "pca")  # t-SNE takes seconds more
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebook's pictures land here
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    notebook = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         notebook,
         km=_kernel_manager(tmp_path),
         timeout=240,
-        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+        resources={"metadata": {"path": str(path.parent)}},
     )
     client.execute()
-
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
     assert not [out for out in outputs if out.output_type == "error"]
     text = "".join(out.get("text", "") for out in outputs if out.output_type == "stream")
+    return text, outputs
+
+
+@pytest.mark.slow
+def test_the_nnx_notebook_trains_an_nnx_model_top_to_bottom(tmp_path, monkeypatch):
+    text, _ = _execute(NNX_NOTEBOOK, tmp_path, monkeypatch)
+    found = re.search(
+        r"kNN top-1 after 3 steps: ([\d.]+) % \(at initialisation: ([\d.]+) %\)", text
+    )
+    assert found, text[-2000:]
+    before = re.search(r"kNN top-1 at initialisation: ([\d.]+) %", text)
+    assert before and before.group(1) == found.group(2)
+    assert re.search(r"3 steps in \d+ s; loss [\d.]+ -> [\d.]+", text)
+    assert "the trained NNX model runs on its own: (1, 10)" in text
+
+
+@pytest.mark.slow
+def test_notebook_runs_top_to_bottom_at_a_tiny_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("BYOL_NOTEBOOK_MAP", "pca")  # t-SNE takes seconds more
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebook's pictures land here
+    text, outputs = _execute(NOTEBOOK, tmp_path, monkeypatch)
     found = re.search(
         r"kNN top-1 after 3 steps: ([\d.]+) % \(random initialisation: ([\d.]+) %\)", text
     )

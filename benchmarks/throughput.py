@@ -26,19 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import byol_jax
-from byol_jax import augment, networks, optim, parallel
-
-# Dense bf16 peak per chip, FLOP/s: the vendors' datasheet figures (docs/results.md, "Reference
-# points for speed"), not rates measured on a machine. Used only to print MFU.
-PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5": 459e12,  # v5p (device_kind "TPU v5")
-    "TPU v6 lite": 918e12,
-}
+from byol_jax import augment, hardware, networks, optim, parallel
 
 
 def parse_args(argv=None):
@@ -151,11 +139,10 @@ def measure(args) -> dict:
         "peak_memory_gb": _peak_memory_gb(),
         "loss": float(replicas.fetch(metrics)["loss"]),
     }
-    peak = PEAK_FLOPS.get(result["device"]) or next(
-        (v for k, v in PEAK_FLOPS.items() if k in result["device"]), None
-    )
-    if peak and flops:
-        result["mfu"] = flops * result["images_per_s"] / (peak * replicas.num_replicas)
+    # MFU against the vendor's dense bf16 peak (byol_jax.hardware), not a measured rate.
+    facts = hardware.device_facts(result["device"])
+    if facts and flops:
+        result["mfu"] = flops * result["images_per_s"] / (facts.bf16_flops * replicas.num_replicas)
     return result
 
 

@@ -33,6 +33,12 @@ def build_encoder(config: ml_collections.ConfigDict, dtype=jnp.float32, backend:
         cifar_stem=config.cifar_stem,
         dtype=dtype,
         conv_chunk=networks.CPU_CONV_CHUNK if backend == "cpu" else None,
+        padding=config.get("padding", "symmetric"),  # runs saved before the field existed
+        **(
+            {"stage_sizes": config.stage_sizes, "bottleneck": config.bottleneck}
+            if config.encoder == "resnet"
+            else {}
+        ),  # fmt: skip
     )
 
 

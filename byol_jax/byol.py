@@ -190,24 +190,15 @@ class BYOL:
         sample = _check_images(sample_images, train=False)
         sample = sample[0] if sample.ndim == 5 else sample
         sample = self.preprocess_fn(sample) if sample.dtype == jnp.uint8 else sample
-        enc_key, proj_key, pred_key = jax.random.split(key, 3)
+        enc_key = jax.random.split(key, 3)[0]
         enc_params, enc_stats = self._encoder.init(enc_key, sample)
-        rep, _ = self._encoder.represent(enc_params, enc_stats, sample, train=False)
-        proj_vars = self.projector.init(proj_key, rep, train=False)
-        proj = self.projector.apply(proj_vars, rep, train=False)
-        pred_vars = self.predictor.init(pred_key, proj, train=False)
-        params = {
-            "encoder": enc_params,
-            "projector": proj_vars["params"],
-            "predictor": pred_vars["params"],
-        }
-        if self.probe is not None:
-            params["probe"] = self.probe.init(jax.random.fold_in(key, 3), rep)["params"]
-        stats = {
-            "encoder": enc_stats,
-            "projector": proj_vars["batch_stats"],
-            "predictor": pred_vars["batch_stats"],
-        }
+        rep = jax.eval_shape(
+            lambda p, s: self._encoder.represent(p, s, sample, train=False)[0],
+            enc_params,
+            enc_stats,
+        )
+        params, stats = self.init_heads(key, rep.shape[-1])
+        params, stats = {"encoder": enc_params, **params}, {"encoder": enc_stats, **stats}
         target_params = target_stats = None
         if self.use_momentum:  # the target starts as a copy of the online encoder + projector
             target_params = {k: params[k] for k in ("encoder", "projector")}
@@ -222,6 +213,22 @@ class BYOL:
             opt_state=tx.init(params),
             tx=tx,
         )
+
+    def init_heads(self, key: jax.Array, representation_size: int) -> tuple[dict, dict]:
+        """Fresh projector, predictor (and probe) on a representation of that size:
+        ({'projector', 'predictor'[, 'probe']} params, their BatchNorm statistics), drawn from
+        ``key`` as ``init`` draws them (the encoder takes the first of its three splits)."""
+        _, proj_key, pred_key = jax.random.split(key, 3)
+        probe_key = jax.random.fold_in(key, 3)
+        rep = jnp.zeros((1, representation_size), jnp.float32)
+        proj_vars = self.projector.init(proj_key, rep, train=False)
+        proj = jnp.zeros((1, self.projector.output_size), jnp.float32)
+        pred_vars = self.predictor.init(pred_key, proj, train=False)
+        params = {"projector": proj_vars["params"], "predictor": pred_vars["params"]}
+        if self.probe is not None:
+            params["probe"] = self.probe.init(probe_key, rep)["params"]
+        stats = {"projector": proj_vars["batch_stats"], "predictor": pred_vars["batch_stats"]}
+        return params, stats
 
     def train_step(self, state: ByolState, images: jax.Array, key: jax.Array, labels=None):
         """One BYOL step on this replica's images; pure, so jit/pmap/shard_map it.

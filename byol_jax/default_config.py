@@ -32,14 +32,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
 
     # Networks.
-    config.encoder = "resnet50"  # 'resnet18' ... 'resnet200' or 'tiny'
+    config.encoder = "resnet50"  # 'resnet18' ... 'resnet200', 'tiny', or 'resnet' with:
+    config.stage_sizes = ()  # encoder 'resnet': blocks per stage, e.g. (3, 4, 6, 3)
+    config.bottleneck = True  # encoder 'resnet': bottleneck blocks (else basic ones)
     config.width_multiplier = 1  # the paper's x2, x4
     config.num_filters = 64  # channels of the first ResNet stage before the multiplier
     config.cifar_stem = False  # 3x3 stride-1 stem without max-pool, for 32 px images
+    config.padding = "symmetric"  # ResNet padding: torchvision's, or 'same' (the authors' code)
     config.hidden_layer = config_dict.placeholder(str)  # None: the encoder's pooled output
     config.projection_size = 256
     config.projection_hidden_size = 4096
     config.use_momentum = True  # False: SimSiam mode
+    # Start from imported weights: 'official:PATH' (the authors' checkpoint), 'torchvision:PATH'
+    # (.safetensors or .pth) or a byol_jax workdir; a run that has checkpoints resumes instead.
+    config.pretrained = ""
     config.views_in_one_batch = False  # True: one BatchNorm batch for both views (the seed)
     config.sync_batchnorm = config_dict.placeholder(bool)  # None: when over >1 device
     config.dtype = "auto"  # compute dtype: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), or either
@@ -94,7 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
 def linear_eval_config() -> ml_collections.ConfigDict:
     """The linear-evaluation settings every file in configs/linear_eval/ starts from."""
     config = ml_collections.ConfigDict()
-    config.pretrained_workdir = ""  # the workdir of a byol_jax.train run (required)
+    config.pretrained_workdir = ""  # the workdir of a byol_jax.train run, or:
+    config.pretrained = ""  # any pretrained.load source: official:PATH, torchvision:PATH, a workdir
     config.seed = 0
 
     # The paper's protocol.

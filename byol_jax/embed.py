@@ -20,7 +20,7 @@ from byol_jax import cli
 
 _RUN = cli.define_run_flags("The .npz (or .npy) file to write.")
 _PROJECTIONS = flags.DEFINE_bool("projections", False, "Also write the projections.")
-flags.mark_flags_as_required(["workdir", "out"])
+flags.mark_flags_as_required(["out"])
 
 
 def main(argv):

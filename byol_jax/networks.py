@@ -88,15 +88,16 @@ class BasicBlock(nn.Module):
     dtype: Any = jnp.float32
     zero_init_residual: bool = False
     conv_chunk: int | None = None
+    padding: str = "symmetric"
 
     @nn.compact
     def __call__(self, x, train: bool = True):
         conv = functools.partial(Conv, use_bias=False, dtype=self.dtype, chunk=self.conv_chunk)
         norm = functools.partial(_batch_norm, train, self.axis_name, self.dtype)
         residual = x
-        y = conv(self.filters, (3, 3), self.strides, padding=1)(x)
+        y = conv(self.filters, (3, 3), self.strides, padding=_pad(self.padding, 1))(x)
         y = nn.relu(norm()(y))
-        y = conv(self.filters, (3, 3), padding=1)(y)
+        y = conv(self.filters, (3, 3), padding=_pad(self.padding, 1))(y)
         y = norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
         return nn.relu(_shortcut(residual, y, self.strides, conv, norm) + y)
 
@@ -110,6 +111,7 @@ class BottleneckBlock(nn.Module):
     dtype: Any = jnp.float32
     zero_init_residual: bool = False
     conv_chunk: int | None = None
+    padding: str = "symmetric"
 
     @nn.compact
     def __call__(self, x, train: bool = True):
@@ -118,10 +120,24 @@ class BottleneckBlock(nn.Module):
         residual = x
         y = nn.relu(norm()(conv(self.filters, (1, 1))(x)))
         # ResNet v1.5 (torchvision, flax and the BYOL code): the stride sits on the 3x3 conv.
-        y = nn.relu(norm()(conv(self.filters, (3, 3), self.strides, padding=1)(y)))
+        y = nn.relu(
+            norm()(conv(self.filters, (3, 3), self.strides, padding=_pad(self.padding, 1))(y))
+        )
         y = conv(self.filters * 4, (1, 1))(y)
         y = norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
         return nn.relu(_shortcut(residual, y, self.strides, conv, norm) + y)
+
+
+def _pad(padding: str, pixels: int):
+    """'symmetric': ``pixels`` on every side (torchvision); 'same': XLA's SAME, which puts the
+    odd pixel of a strided convolution or max-pool at the bottom/right (the authors' Haiku
+    code): the two differ for the 7x7 stem, the max-pool and the strided 3x3 convolutions."""
+    if padding == "same":
+        return "SAME"
+    return ((pixels, pixels), (pixels, pixels))
+
+
+PADDINGS = ("symmetric", "same")
 
 
 def _shortcut(x, y, strides, conv, norm):
@@ -139,7 +155,9 @@ def _last_scale_init(zero: bool):
 class ResNet(nn.Module):
     """ResNet v1 encoder: images [N, H, W, C] -> pooled representation [N, D].
 
-    ``width_multiplier`` scales every layer's channels (the paper's x2, x4). ``cifar_stem``
+    ``width_multiplier`` scales every layer's channels (the paper's x2, x4). ``padding``:
+    'symmetric' (torchvision's, the default) or 'same' (XLA's SAME, the authors' Haiku code,
+    what their released weights expect). ``cifar_stem``
     replaces the 7x7/2 convolution and max-pool with one 3x3/1 convolution, as small
     (32 px) images need. With ``num_classes`` a linear head is added and the module
     returns logits; its pooled features are then the output of the ``avgpool`` submodule
@@ -157,9 +175,12 @@ class ResNet(nn.Module):
     axis_name: str | None = None
     dtype: Any = jnp.float32
     conv_chunk: int | str | None = "auto"
+    padding: str = "symmetric"
 
     @nn.compact
     def __call__(self, x, train: bool = True):
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}.")
         width = self.num_filters * self.width_multiplier
         chunk = conv_chunk_for_backend(self.conv_chunk)
         x = x.astype(self.dtype)
@@ -167,10 +188,10 @@ class ResNet(nn.Module):
         if self.cifar_stem:
             x = stem((3, 3), padding=1, name="stem_conv")(x)
         else:
-            x = stem((7, 7), 2, padding=3, name="stem_conv")(x)
+            x = stem((7, 7), 2, padding=_pad(self.padding, 3), name="stem_conv")(x)
         x = nn.relu(_batch_norm(train, self.axis_name, self.dtype, name="stem_bn")(x))
         if not self.cifar_stem:
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(self.padding, 1))
         for stage, num_blocks in enumerate(self.stage_sizes):
             for index in range(num_blocks):
                 x = self.block(
@@ -180,6 +201,7 @@ class ResNet(nn.Module):
                     dtype=self.dtype,
                     zero_init_residual=self.zero_init_residual,
                     conv_chunk=chunk,
+                    padding=self.padding,
                     name=f"stage{stage + 1}_block{index + 1}",
                 )(x, train)
         x = GlobalAvgPool(name="avgpool")(x)
@@ -229,14 +251,27 @@ def tiny_resnet(**kwargs) -> ResNet:
     return ResNet(stage_sizes=(1, 1), block=BasicBlock, **kwargs)
 
 
-def encoder_by_name(name: str, **kwargs) -> nn.Module:
-    """'resnet18' ... 'resnet200' or 'tiny' -> the encoder module (configs name encoders)."""
+def encoder_by_name(
+    name: str, stage_sizes: Sequence[int] = (), bottleneck: bool = True, **kwargs
+) -> nn.Module:
+    """'resnet18' ... 'resnet200', 'tiny', or 'resnet' with ``stage_sizes`` (blocks per
+    stage) and ``bottleneck`` (BottleneckBlock or BasicBlock): any ResNet v1. Configs name
+    encoders this way."""
     if name == "tiny":
         return tiny_resnet(**kwargs)
+    if name == "resnet":
+        if not stage_sizes or any(int(n) < 1 for n in stage_sizes):
+            raise ValueError(
+                f"encoder 'resnet' needs stage_sizes, blocks per stage such as (3, 4, 6, 3); got "
+                f"{tuple(stage_sizes)}."
+            )
+        block = BottleneckBlock if bottleneck else BasicBlock
+        return ResNet(stage_sizes=tuple(int(n) for n in stage_sizes), block=block, **kwargs)
     if name.startswith("resnet") and name[6:].isdigit():
         return resnet(int(name[6:]), **kwargs)
     raise ValueError(
-        f"Unknown encoder {name!r}: use 'tiny' or 'resnet' followed by one of {sorted(_STAGES)}."
+        f"Unknown encoder {name!r}: use 'tiny', 'resnet' followed by one of {sorted(_STAGES)}, "
+        "or 'resnet' with stage_sizes."
     )
 
 

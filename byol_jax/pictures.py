@@ -24,7 +24,6 @@ _K = flags.DEFINE_integer("k", 5, "Neighbours shown per query.")
 _BANK = flags.DEFINE_integer(
     "bank_size", 10_000, "Training images searched for neighbours (the first ones)."
 )
-flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
@@ -32,8 +31,10 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from byol_jax import plots  # noqa: PLC0415 (after flags: JAX reads its flags at import)
 
-    workdir = _RUN["workdir"].value
+    workdir = _RUN["workdir"].value  # None for imported weights: no training curves
     try:
+        if not (_RUN["out"].value or workdir):
+            raise ValueError("pictures of imported weights (--pretrained) need --out DIR.")
         learner, state, _, data = cli.load_run(_RUN)
         written = plots.save_pictures(
             learner,

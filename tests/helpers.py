@@ -114,3 +114,46 @@ def write_tiny_tfds(root) -> str:
         data_dir=str(version_dir), features=features, split_infos=split_infos
     )
     return str(root)
+
+
+def write_authors_checkpoint(path, fields: dict, step: int = 0) -> None:
+    """Pickles ``fields`` (online_params, target_params, online_state, target_state, opt_state)
+    as the BYOL authors' checkpoints are: ``dict(experiment_state=<namedtuple>, step, rng)``,
+    the named tuple made by dill's ``_create_namedtuple`` (emulated here: no dill needed)."""
+    import collections  # noqa: PLC0415
+    import pickle  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import types  # noqa: PLC0415
+
+    names = ("online_params", "target_params", "online_state", "target_state", "opt_state")
+
+    def _create_namedtuple(name, fieldnames, modulename, *rest):
+        return collections.namedtuple(name, fieldnames)
+
+    _create_namedtuple.__module__, _create_namedtuple.__qualname__ = (
+        "dill._dill",
+        "_create_namedtuple",
+    )
+    state_cls = collections.namedtuple("_ByolExperimentState", names)
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, obj):
+            if obj is state_cls:
+                return _create_namedtuple, ("_ByolExperimentState", names, "byol.byol_experiment")
+            return NotImplemented
+
+    fake = {"dill": types.ModuleType("dill"), "dill._dill": types.ModuleType("dill._dill")}
+    fake["dill._dill"]._create_namedtuple = _create_namedtuple
+    saved = {name: sys.modules.get(name) for name in fake}
+    sys.modules.update(fake)
+    try:
+        with open(path, "wb") as f:
+            state = state_cls(*(fields.get(n, ()) for n in names))
+            rng = np.zeros(2, np.uint32)
+            Pickler(f, protocol=2).dump({"experiment_state": state, "step": step, "rng": rng})
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name)
+            else:
+                sys.modules[name] = module

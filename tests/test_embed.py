@@ -88,9 +88,7 @@ def _embed_command(*args, timeout=180):
 
 def _eval_split(data, split, image_size):
     """(images, labels, file names or None) of a split as eval_batches yields them, unpadded."""
-    batches = list(
-        datasets.eval_batches(data, split=split, batch_size=1000, image_size=image_size)
-    )
+    batches = list(datasets.eval_batches(data, split=split, batch_size=1000, image_size=image_size))
     keep = np.concatenate([b["mask"] for b in batches])
     take = lambda key: np.concatenate([b[key] for b in batches])[keep]
     return (

@@ -226,7 +226,8 @@ def num_classes(config: ml_collections.ConfigDict, given: int | None = None) -> 
     if config.data.source == "tfds":
         import tensorflow_datasets as tfds  # noqa: PLC0415 (metadata only: nothing is read)
 
-        label = tfds.builder(config.data.name).info.features.get(config.data.label_key)
+        features = tfds.builder(config.data.name).info.features
+        label = features[config.data.label_key] if config.data.label_key in features else None
         return getattr(label, "num_classes", None)
     from byol_jax import data  # noqa: PLC0415
 

@@ -74,7 +74,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, arrays: Mapping | Non
     """Validate the config, load the pre-trained encoder and derive the run; every user error
     surfaces here, before any compilation."""
     _check_config(config, workdir)
-    pretraining = _pretrained_config(config.pretrained_workdir)
+    source = pretrained_source(config)
+    pretraining = _pretrained_config(source)
     data = merged_data(pretraining, config.data)
     image_size = config.image_size or pretraining.image_size
     replicas = parallel.Replicas(config.parallel, byol.DEFAULT_AXIS)
@@ -92,7 +93,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, arrays: Mapping | Non
     total_steps = config.total_steps
     if total_steps <= 0:
         total_steps = config.num_epochs * max(1, num_train // config.batch_size)
-    learner, state = _load_pretrained(config.pretrained_workdir)
+    learner, state = _load_pretrained(source)
     encoder = _frozen_encoder(state)
     sample = np.zeros((1, image_size, image_size, 3), np.uint8)
     feature_dim = jax.eval_shape(learner.embed, encoder, sample).shape[-1]
@@ -109,10 +110,20 @@ def setup(config: ml_collections.ConfigDict, workdir: str, arrays: Mapping | Non
     return Run(config, data, image_size, learner, encoder, step, num_classes, feature_dim, tx, replicas, total_steps)  # fmt: skip
 
 
+def pretrained_source(config: ml_collections.ConfigDict) -> str:
+    """The encoder to evaluate: ``config.pretrained`` (any of pretrained.load's spellings) or
+    ``config.pretrained_workdir`` (a byol_jax workdir), exactly one of them."""
+    if bool(config.pretrained) == bool(config.pretrained_workdir):
+        raise ValueError(
+            "set one of --config.pretrained (a workdir, official:PATH or torchvision:PATH) and "
+            "--config.pretrained_workdir (a byol_jax.train workdir)."
+        )
+    return config.pretrained or config.pretrained_workdir
+
+
 def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    if not config.pretrained_workdir:
-        raise ValueError("set --config.pretrained_workdir to the workdir of a byol_jax.train run.")
-    if os.path.realpath(config.pretrained_workdir) == os.path.realpath(workdir):
+    kind, path = pretrained.parse(pretrained_source(config))
+    if kind == "workdir" and os.path.realpath(path) == os.path.realpath(workdir):
         raise ValueError(
             f"--workdir {workdir} is the pre-training workdir: linear evaluation writes "
             "checkpoints of its own, pass another --workdir."
@@ -130,11 +141,11 @@ def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     lifecycle.check_workdir(workdir)
 
 
-def _pretrained_config(workdir: str) -> ml_collections.ConfigDict:
+def _pretrained_config(source: str) -> ml_collections.ConfigDict:
     try:
-        return lifecycle.load_run_config(workdir)[0]
+        return pretrained.load_config(source)[0]
     except checkpoint.CheckpointError as error:
-        raise ValueError(f"config.pretrained_workdir={workdir!r}: {error}") from error
+        raise ValueError(f"the pre-trained encoder {source!r}: {error}") from error
 
 
 def _load_pretrained(workdir: str) -> tuple[byol.BYOL, byol.ByolState]:
@@ -143,9 +154,7 @@ def _load_pretrained(workdir: str) -> tuple[byol.BYOL, byol.ByolState]:
     try:
         return pretrained.load(workdir)
     except checkpoint.CheckpointError as error:
-        raise ValueError(
-            f"cannot load the pre-trained encoder of config.pretrained_workdir={workdir!r}: {error}"
-        ) from error
+        raise ValueError(f"cannot load the pre-trained encoder {workdir!r}: {error}") from error
 
 
 def _frozen_encoder(state: byol.ByolState) -> byol.ByolState:
@@ -234,7 +243,7 @@ def _provenance(run: Run) -> dict:
     return {
         "eval_split": run.data.eval_split,
         "train_split": datasets.probe_split(run.data),
-        "pretrained_workdir": os.path.abspath(run.config.pretrained_workdir),
+        "pretrained": pretrained_source(run.config),
         "pretrained_step": run.pretrained_step,
     }
 
@@ -341,7 +350,7 @@ def format_results(results: dict) -> str:
     """The closing lines a run prints."""
     lines = [
         f"Linear evaluation finished after {results['steps']} steps "
-        f"(encoder of {results['pretrained_workdir']}, step {results['pretrained_step']}).",
+        f"(encoder of {results['pretrained']}, step {results['pretrained_step']}).",
         f"{results['eval_split']}: top-1 {100 * results['top1']:.2f} %"
         + (f", top-5 {100 * results['top5']:.2f} %" if "top5" in results else ""),
     ]

@@ -26,9 +26,21 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
-from byol_jax import builders, byol, checkpoint, features, knn, lifecycle, loop, monitor, parallel
+from byol_jax import (
+    builders,
+    byol,
+    checkpoint,
+    features,
+    knn,
+    lifecycle,
+    loop,
+    monitor,
+    parallel,
+    pretrained,
+)
 from byol_jax import data as datasets
 
 log = logging.getLogger(__name__)
@@ -76,10 +88,24 @@ def setup(config: ml_collections.ConfigDict, workdir: str, arrays: Mapping | Non
         config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
     )
     _check_probe_labels(config, info, arrays)
+    _check_pretrained(config)
     learner = builders.build_learner(config, total_steps, info.get("num_classes"))
     builders.check_encoder_input(config, learner)
     tx = builders.build_optimizer(config, total_steps, steps_per_epoch)
     return Run(config, learner, tx, replicas, total_steps, steps_per_epoch, info)
+
+
+def _check_pretrained(config) -> None:
+    """The authors' weights were trained with 'same' padding: another would shift them."""
+    kind, path = pretrained.parse(config.pretrained) if config.pretrained else (None, None)
+    if kind == "official" and config.padding != "same":
+        raise ValueError(
+            f"config.pretrained={config.pretrained!r} holds the authors' weights, trained with "
+            "'same' padding: set --config.padding=same (and the encoder they are: e.g. "
+            "--config.encoder=resnet50)."
+        )
+    if kind == "workdir" and config.pretrained and not os.path.isdir(path):
+        raise ValueError(f"config.pretrained={config.pretrained!r} is not a workdir.")
 
 
 def _check_probe_labels(config, info, arrays) -> None:
@@ -113,6 +139,12 @@ def train_and_evaluate(
     if restored is not None:
         state, start_step = restored
         log.info("Resuming from the checkpoint of step %d in %s.", start_step, workdir)
+    elif config.pretrained:  # a fresh run starts from imported weights
+        state = pretrained.place(
+            state, pretrained.weights(config.pretrained), where=config.pretrained
+        )
+        state = state.replace(step=jnp.zeros((), jnp.int32))  # the schedules start afresh
+        log.info("Starting from the weights of %s.", config.pretrained)
     lifecycle.save_run_config(workdir, config, run.facts)
     writer = monitor.MetricWriter(
         workdir,

@@ -5,7 +5,8 @@
 
 1. ResNet-50, 224 px, bf16: the largest batch of --batches that fits (out-of-memory is caught
    and the next smaller batch tried), images/s, compile time, peak memory, XLA FLOPs per
-   image and MFU against the chip's bf16 peak; the goal is 2,600 images/s (about 22 % MFU).
+   image and MFU against the vendor's dense bf16 peak (byol_jax.hardware); the goal is an
+   estimate, about 2,600 images/s (docs/results.md#reference-points-for-speed).
 2. ResNet-18 with the 3x3 stem, 32 px, bf16 and float32.
 Writes results.json and results.md (a table for the README) into --out.
 """

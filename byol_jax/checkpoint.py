@@ -59,18 +59,11 @@ class ArchitectureMismatchError(CheckpointError, ValueError):
 # ----------------------------------------------------------------------------- pytree helpers
 
 
-def _key_name(key) -> str:
-    for attr in ("name", "key", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def _leaves_by_name(tree) -> dict[str, Any]:
     """Flattens `tree` to {'params/Dense_0/kernel': leaf}; dataclass, namedtuple and dict keys
     become names, so the template and orbax's stored metadata (dicts and lists) compare."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {"/".join(_key_name(k) for k in path): leaf for path, leaf in flat}
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in flat}
 
 
 def abstract_like(state):

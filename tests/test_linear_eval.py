@@ -244,7 +244,9 @@ def test_a_workdir_without_checkpoint_is_a_clear_error(pretrained_workdir, tmp_p
         le.setup(_linear_config("quickstart", config_only), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="is the pre-training workdir"):
         le.setup(_linear_config("quickstart", pretrained_workdir), str(pretrained_workdir))
-    with pytest.raises(ValueError, match="set --config.pretrained_workdir"):
+    with pytest.raises(
+        ValueError, match="set one of --config.pretrained .* and --config.pretrained_workdir"
+    ):
         le.setup(_linear_config("quickstart", ""), str(tmp_path / "out"))
 
 

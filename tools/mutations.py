@@ -162,7 +162,7 @@ def run(mutation: Mutation, keep: bool) -> tuple[bool, str, float]:
     }
     start = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutation.tests],
+        [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", *mutation.tests],
         cwd=copy, env=env, capture_output=True, text=True,
     )  # fmt: skip
     seconds = time.perf_counter() - start

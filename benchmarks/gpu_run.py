@@ -73,7 +73,7 @@ def largest_that_fits(name, flags, batches, steps):
     for batch in batches:
         try:
             args = throughput.parse_args([*flags, "--batch", str(batch), "--steps", str(steps)])
-            result = throughput.measure(args)
+            result, _ = throughput.measure(args)
             result["name"] = name
             return result
         except Exception as error:  # noqa: BLE001 (out of memory shows as several error types)

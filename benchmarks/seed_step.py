@@ -29,11 +29,30 @@ from torch import nn
 ARCHS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
 
 
-def make_net(arch: str, cifar_stem: bool) -> nn.Module:
-    """A torchvision ResNet; with `cifar_stem`, conv1 is 3x3 stride 1 and max-pool is removed."""
+def make_net(arch: str, cifar_stem: bool, width: int = 64) -> nn.Module:
+    """A torchvision ResNet; with `cifar_stem`, conv1 is 3x3 stride 1 and max-pool is removed.
+
+    `width` is the base channel count (torchvision's 64): stages of width, 2x, 4x and 8x
+    channels, as in byol_jax's `networks.ResNet(num_filters=width)`. torchvision fixes 64, so
+    other widths rebuild the stages from torchvision's own blocks (`_make_layer` reads
+    `inplanes`, which is reset first).
+    """
     net = ARCHS[arch]()
+    if width != 64:
+        block = type(net.layer1[0])
+        blocks = [len(stage) for stage in (net.layer1, net.layer2, net.layer3, net.layer4)]
+        net.inplanes = width
+        net.bn1 = nn.BatchNorm2d(width)
+        for index, (count, stride) in enumerate(zip(blocks, (1, 2, 2, 2), strict=True)):
+            setattr(
+                net, f"layer{index + 1}", net._make_layer(block, width * 2**index, count, stride)
+            )
+        net.fc = nn.Linear(8 * width * block.expansion, net.fc.out_features)
+    stem = (3, 1, 1) if cifar_stem else (7, 2, 3)
+    net.conv1 = nn.Conv2d(
+        3, width, kernel_size=stem[0], stride=stem[1], padding=stem[2], bias=False
+    )
     if cifar_stem:
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     return net
 
@@ -51,7 +70,7 @@ def train_step(learner: BYOL, optimizer: torch.optim.Optimizer, images: torch.Te
 def measure(args: argparse.Namespace) -> dict:
     """Runs `warmup` untimed and `steps` timed training steps; returns the figures."""
     torch.manual_seed(0)
-    net = make_net(args.arch, args.cifar_stem)
+    net = make_net(args.arch, args.cifar_stem, args.width)
     learner = BYOL(net, image_size=args.image_size, hidden_layer="avgpool")
     optimizer = torch.optim.Adam(learner.parameters(), lr=3e-4)
     images = torch.rand(args.batch, 3, args.image_size, args.image_size)
@@ -74,6 +93,7 @@ def measure(args: argparse.Namespace) -> dict:
         "warmup": args.warmup,
         "threads": torch.get_num_threads(),
         "cifar_stem": args.cifar_stem,
+        "width": args.width,
         "torch": torch.__version__,
         "byol_pytorch": importlib.metadata.version("byol-pytorch"),
     }
@@ -82,6 +102,7 @@ def measure(args: argparse.Namespace) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=sorted(ARCHS), default="resnet18")
+    parser.add_argument("--width", type=int, default=64, help="base channels (torchvision: 64)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -97,6 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch < 2:
         parser.error("--batch must be at least 2: BatchNorm in the projector needs 2 samples")
+    if args.width < 1:
+        parser.error("--width must be at least 1")
     if args.steps < 1 or args.warmup < 0 or args.threads < 0 or args.image_size < 1:
         parser.error("--steps must be >= 1; --warmup, --threads >= 0; --image-size >= 1")
     return args

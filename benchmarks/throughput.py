@@ -7,8 +7,12 @@ LARS update, EMA) on the current backend, compile time apart.
 Prints one line per setting and a JSON line with everything: images/s, step time, compile
 time, peak memory (host RSS on the CPU, device memory on GPU/TPU), XLA's FLOPs per image and,
 on an accelerator with a known peak, the achieved fraction of it (MFU). ``--compare-seed``
-runs byol-pytorch 0.8.2 (benchmarks/seed_step.py) on the same settings in a subprocess and
-prints the ratio. Not a test: timings depend on the machine and on what else runs on it.
+runs byol-pytorch 0.8.2 (benchmarks/seed_step.py) on the same network (ResNet-18/50 with
+``--num-filters`` base channels) and batch in a subprocess and prints the ratio; with
+``--rounds R`` the two are timed in alternation R times, so that load on the machine hits
+both alike, and the median ratio is reported. ``--optimizer adam --recipe seed
+--views-in-one-batch`` is the seed's own step (Adam 3e-4, its views, one BatchNorm batch).
+Not a test: timings depend on the machine and on what else runs on it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -24,6 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import byol_jax
 from byol_jax import augment, hardware, networks, optim, parallel
@@ -59,6 +65,8 @@ def parse_args(argv=None):
         "--torch-python", default=sys.executable, help="python with torch + byol-pytorch"
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads for --compare-seed")
+    p.add_argument("--optimizer", default="lars", choices=["lars", "adam"], help="adam: 3e-4")
+    p.add_argument("--rounds", type=int, default=1, help="timings, alternating with the seed")
     return p.parse_args(argv)
 
 
@@ -82,6 +90,8 @@ def build(args):
         dtype=dtype,
         sync_batchnorm={"auto": None, "on": True, "off": False}[args.sync_batchnorm],
     )
+    if args.optimizer == "adam":  # the seed's README optimiser
+        return learner, optax.adam(3e-4)
     schedule = optim.learning_rate_schedule(
         0.2, batch_size=args.batch, total_steps=10_000, warmup_steps=100
     )
@@ -94,14 +104,15 @@ def _conv_chunk(text: str):
     return named[text] if text in named else int(text)
 
 
-def measure(args) -> dict:
+def measure(args) -> tuple[dict, object]:
+    """Compiles and warms the step; returns the figures of one timing and a function that
+    times ``args.steps`` more steps (seconds per step)."""
     learner, tx = build(args)
     replicas = parallel.Replicas(
         args.mode, learner.axis_name, devices=jax.devices()[: args.devices]
     )
     replicas.check_batch_size(args.batch)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (args.batch, args.image_size, args.image_size, 3), dtype=np.uint8)
+    images = random_images(args)
     state = learner.init(jax.random.key(0), images[:2], tx)
     rstate, rimages = replicas.replicate(state), replicas.shard(images)
     # Compile ahead of time: one compilation gives the executable and XLA's FLOP count.
@@ -113,11 +124,19 @@ def measure(args) -> dict:
     for i in range(args.warmup):
         rstate, metrics = step(rstate, rimages, jax.random.key(i + 1))
     jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for i in range(args.steps):
-        rstate, metrics = step(rstate, rimages, jax.random.key(i + 100))
-    jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - start) / args.steps
+    carry = {"state": rstate, "metrics": metrics}
+
+    def time_steps() -> float:
+        start = time.perf_counter()
+        for i in range(args.steps):
+            carry["state"], carry["metrics"] = step(
+                carry["state"], rimages, jax.random.key(i + 100)
+            )
+        jax.block_until_ready(carry["metrics"])
+        return (time.perf_counter() - start) / args.steps
+
+    step_s = time_steps()
+    metrics = carry["metrics"]
     result = {
         "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind,
@@ -132,6 +151,7 @@ def measure(args) -> dict:
         "mode": args.mode,
         "conv_chunk": networks.conv_chunk_for_backend(_conv_chunk(args.conv_chunk)),
         "sync_batchnorm": args.sync_batchnorm,
+        "optimizer": args.optimizer,
         "images_per_s": args.batch / step_s,
         "step_time_s": step_s,
         "compile_s": compile_s,
@@ -143,7 +163,13 @@ def measure(args) -> dict:
     facts = hardware.device_facts(result["device"])
     if facts and flops:
         result["mfu"] = flops * result["images_per_s"] / (facts.bf16_flops * replicas.num_replicas)
-    return result
+    return result, time_steps
+
+
+def random_images(args) -> np.ndarray:
+    """The one fixed uint8 batch every timed step reads (no data loading is measured)."""
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (args.batch, args.image_size, args.image_size, 3), dtype=np.uint8)
 
 
 def _flops_per_image(compiled, per_device_batch):
@@ -184,6 +210,8 @@ def run_seed(args) -> dict | None:
         str(args.steps),
         "--warmup",
         str(args.warmup),
+        "--width",
+        str(args.num_filters),
         "--threads",
         str(args.threads),
         "--json",
@@ -201,7 +229,15 @@ def run_seed(args) -> dict | None:
 
 def main(argv=None):
     args = parse_args(argv)
-    result = measure(args)
+    result, time_steps = measure(args)
+    print(_describe(args, result))
+    if args.compare_seed:
+        compare_with_seed(args, result, time_steps)
+    print(json.dumps(result))
+    return result
+
+
+def _describe(args, result) -> str:
     line = (
         f"byol_jax {args.encoder} {args.image_size}px batch {args.batch} {args.dtype} on "
         f"{result['devices']}x {result['device']}: {result['images_per_s']:.1f} images/s "
@@ -212,18 +248,32 @@ def main(argv=None):
         line += f", {result['flops_per_image'] / 1e9:.2f} GFLOP/image"
     if "mfu" in result:
         line += f", MFU {100 * result['mfu']:.1f} %"
-    print(line)
-    if args.compare_seed:
+    return line
+
+
+def compare_with_seed(args, result: dict, time_steps) -> None:
+    """byol-pytorch's images/s in alternation with byol_jax's, `args.rounds` times; the
+    result gains both series and the median ratio."""
+    ours, seeds = [result["images_per_s"]], []
+    for round_index in range(args.rounds):
+        if round_index:
+            ours.append(args.batch / time_steps())
         seed = run_seed(args)
-        if seed:
-            result["seed_images_per_s"] = seed["images_per_s"]
-            result["ratio_vs_seed"] = result["images_per_s"] / seed["images_per_s"]
-            print(
-                f"byol-pytorch 0.8.2 same settings: {seed['images_per_s']:.1f} images/s; "
-                f"byol_jax / seed = {result['ratio_vs_seed']:.2f}"
-            )
-    print(json.dumps(result))
-    return result
+        if not seed:
+            return
+        seeds.append(seed["images_per_s"])
+        print(
+            f"round {round_index + 1}: byol_jax {ours[-1]:.1f}, byol-pytorch 0.8.2 "
+            f"{seeds[-1]:.1f} images/s, ratio {ours[-1] / seeds[-1]:.2f}"
+        )
+    ratios = [a / b for a, b in zip(ours, seeds, strict=True)]
+    result.update(
+        images_per_s_rounds=ours,
+        seed_images_per_s_rounds=seeds,
+        seed_images_per_s=statistics.median(seeds),
+        ratio_vs_seed=statistics.median(ratios),
+    )
+    print(f"byol_jax / byol-pytorch, median of {len(ratios)}: {result['ratio_vs_seed']:.2f}")
 
 
 if __name__ == "__main__":

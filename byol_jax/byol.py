@@ -251,7 +251,8 @@ class BYOL:
         if self.num_classes is not None and labels is None:
             raise ValueError(f"the online probe (num_classes={self.num_classes}) needs labels.")
         bn_axis = self._bn_axis(state, axis)
-        view1, view2 = self._views(images, key, axis)
+        with jax.named_scope("views"):  # scopes name the step's parts in profiles (no effect)
+            view1, view2 = self._views(images, key, axis)
         (_, (online_stats, target_stats, parts)), grads = jax.value_and_grad(
             self._loss, has_aux=True
         )(state.online_params, state, view1, view2, labels, bn_axis)
@@ -260,7 +261,8 @@ class BYOL:
             parts.update(jax.lax.psum({k: v for k, v in parts.items() if k != "loss"}, axis))
             if bn_axis is None:  # unsynced BatchNorm: keep one set of statistics on all replicas
                 online_stats, target_stats = jax.lax.pmean((online_stats, target_stats), axis)
-        new_state, metrics = self._apply_gradients(state, grads, online_stats, target_stats)
+        with jax.named_scope("update"):
+            new_state, metrics = self._apply_gradients(state, grads, online_stats, target_stats)
         metrics.update(_step_metrics(parts, grads))
         if self.skip_nonfinite_steps:
             new_state, metrics = _keep_if_finite(state, new_state, metrics)
@@ -279,8 +281,10 @@ class BYOL:
         )
         if self.use_momentum:
             # The EMA reads the online parameters *after* the optimiser step (paper, seed).
+            with jax.named_scope("ema"):
+                target = ema.target_update(online_params, state.target_params, tau)
             new_state = new_state.replace(
-                target_params=ema.target_update(online_params, state.target_params, tau),
+                target_params=target,
                 target_batch_stats=target_stats,
             )
         metrics = {"tau": tau, "param_norm": optax.tree.norm(online_params)}
@@ -304,12 +308,14 @@ class BYOL:
         targets = target_stats = None
         if self.use_momentum:
             # The target runs in training mode with its own parameters and BatchNorm statistics.
-            _, targets, _, target_stats = self._forward_views(
-                state.target_params, state.target_batch_stats, view1, view2, False, bn_axis
+            with jax.named_scope("target"):
+                _, targets, _, target_stats = self._forward_views(
+                    state.target_params, state.target_batch_stats, view1, view2, False, bn_axis
+                )
+        with jax.named_scope("online"):
+            (p1, p2), (z1, z2), rep1, online_stats = self._forward_views(
+                online_params, state.online_batch_stats, view1, view2, True, bn_axis
             )
-        (p1, p2), (z1, z2), rep1, online_stats = self._forward_views(
-            online_params, state.online_batch_stats, view1, view2, True, bn_axis
-        )
         t1, t2 = targets if targets is not None else (z1, z2)  # SimSiam: the online projection
         # Stop-gradient: the target side never receives gradients (BYOL and SimSiam alike).
         t1, t2 = jax.lax.stop_gradient(t1), jax.lax.stop_gradient(t2)
@@ -318,9 +324,10 @@ class BYOL:
         if self.num_classes is not None:
             # The probe sees a stopped representation: it never changes the encoder's gradient.
             rep1 = jax.lax.stop_gradient(rep1)
-            logits = self.probe.apply({"params": online_params["probe"]}, rep1)
-            axis = parallel.bound_axis(self.axis_name)
-            probe_loss, probe_sums = losses.probe_loss(logits, labels, axis)
+            with jax.named_scope("probe"):
+                logits = self.probe.apply({"params": online_params["probe"]}, rep1)
+                axis = parallel.bound_axis(self.axis_name)
+                probe_loss, probe_sums = losses.probe_loss(logits, labels, axis)
             total = total + probe_loss
             metrics.update(probe_sums)
         return total, (online_stats, target_stats, metrics)

@@ -11,6 +11,7 @@ import gpu_run  # noqa: E402
 import nnx_step  # noqa: E402
 import pytest  # noqa: E402
 import quality  # noqa: E402
+import step_profile  # noqa: E402
 import throughput  # noqa: E402
 
 
@@ -80,3 +81,41 @@ def test_nnx_step_benchmark_runs_all_three_variants():
     result = nnx_step.main(["--batch", "8", "--image-size", "8", "--width", "4", "--steps", "1", "--rounds", "1"])  # fmt: skip
     assert set(result["median_s"]) == {"linen", "nnx", "nnx_bridge_tolinen"}
     assert all(seconds > 0 for seconds in result["median_s"].values())
+
+
+def test_step_profile_attributes_the_steps_op_time_to_its_parts():
+    result = step_profile.main(
+        ["--encoder", "tiny", "--image-size", "16", "--batch", "8", "--profile-steps", "2"]
+    )
+    parts = result["by_part"]
+    # Every part of the step ran ops that the profiler saw and the HLO named.
+    for part in ("views", "online forward", "online backward", "target", "update", "ema"):
+        assert parts.get(part, 0) > 0, (part, parts)
+    assert result["by_kind"]["convolution"] > 0 and result["by_kind"]["BatchNorm"] > 0
+    total = sum(parts.values())
+    assert abs(total - result["op_ms_per_step"]) < 1e-6 * max(total, 1)
+    # Almost every thunk the trace shows is an instruction of the compiled step.
+    assert result["unattributed_ms_per_step"] < 0.05 * total
+
+
+def test_step_profile_reads_parts_and_kinds_from_hlo_metadata():
+    hlo = """HloModule jit_train_step
+
+%fused_computation.1 (p0: f32[4,8]) -> f32[4,8] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  ROOT %max.1 = f32[4,8]{1,0} maximum(%p0, %p0), metadata={op_name="jit(train_step)/jvp(online)/ResNet/stem_bn/sub"}
+}
+
+ENTRY %main (a: f32[4,8]) -> f32[4,8] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %convolution.3 = f32[4,8]{1,0} convolution(%a, %a), metadata={op_name="jit(train_step)/transpose(jvp(online))/ResNet/Conv_0/conv_general_dilated"}
+  %add_fusion = f32[4,8]{1,0} fusion(%convolution.3), kind=kLoop, calls=%fused_computation.1
+  ROOT %dot.2 = f32[4,8]{1,0} dot(%add_fusion, %a), metadata={op_name="jit(train_step)/jvp(target)/MLP/Dense_0/dot_general"}
+}
+"""
+    instructions = step_profile.parse_hlo(hlo)
+    parts = {n: step_profile.part_of(i["op_name"]) for n, i in instructions.items() if n != "a"}
+    kinds = {n: step_profile.kind_of(i) for n, i in instructions.items() if n != "a"}
+    assert parts["convolution.3"] == "online backward" and kinds["convolution.3"] == "convolution"
+    assert parts["add_fusion"] == "online forward" and kinds["add_fusion"] == "BatchNorm"
+    assert parts["dot.2"] == "target" and kinds["dot.2"] == "matrix multiply"

@@ -1,0 +1,171 @@
+"""Where the BYOL step's time goes on the CPU: XLA's own per-op timings, by part and by kind.
+
+    python benchmarks/step_profile.py --num-filters 16 --cifar-stem --image-size 32 --batch 128 \
+        --recipe seed --views-in-one-batch --optimizer adam
+
+Builds the step as benchmarks/throughput.py does (same flags), compiles it, runs ``--steps``
+steps under ``jax.profiler.trace`` and reads the trace's per-thunk events (each names the
+HLO instruction it ran). Each instruction is attributed from its compiled HLO: its part of
+the step from the named scopes in ``byol.BYOL.train_step`` (views, online forward, online
+backward, target, update, ema, probe; the rest is the loss and glue), its kind from what it
+computes (convolution, matrix multiply, BatchNorm (with what XLA fused into it),
+copies and layout changes, other). Prints milliseconds per step for
+each, the summed op time and the step's wall time: op times can overlap (XLA runs independent
+thunks on several threads) and the wall time also holds dispatch and waits. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import pathlib
+import re
+import sys
+import tempfile
+import time
+
+import jax
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import throughput  # noqa: E402 (the same builder and flags)
+
+from byol_jax import parallel  # noqa: E402
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^=]*? (\w[\w\-]*)\(")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+PARTS = ("views", "target", "probe", "ema", "update", "online")
+
+
+def parse_hlo(text: str) -> dict[str, dict]:
+    """instruction name -> {opcode, op_name, opcodes and op names inside (for fusions)}, for
+    every instruction of the compiled module. A fusion without metadata of its own takes the
+    op name of the first instruction inside that has one."""
+    computations, current, instructions = {}, None, {}
+    for line in text.splitlines():
+        if line and not line.startswith(" ") and "{" in line:
+            current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            computations[current] = {"opcodes": set(), "op_names": []}
+            continue
+        match = _INSTRUCTION.match(line)
+        if not match or current is None:
+            continue
+        name, opcode = match.groups()
+        calls, op_name = _CALLS.search(line), _OP_NAME.search(line)
+        op_name = op_name.group(1) if op_name else ""
+        computations[current]["opcodes"].add(opcode)
+        if op_name:
+            computations[current]["op_names"].append(op_name)
+        instructions[name] = {
+            "opcode": opcode,
+            "calls": calls and calls.group(1),
+            "op_name": op_name,
+        }
+    for info in instructions.values():
+        inner = computations.get(info["calls"], {"opcodes": set(), "op_names": []})
+        info["inside"] = inner["opcodes"] | {info["opcode"]}
+        info["op_names"] = [info["op_name"], *inner["op_names"]]
+        info["op_name"] = next((name for name in info["op_names"] if name), "")
+    return instructions
+
+
+def part_of(op_name: str) -> str:
+    """The step's part an op belongs to, from its scope path (backward ops are JAX's
+    transposes of the forward ones)."""
+    scopes = re.findall(r"[\w\-]+", op_name)
+    for part in PARTS:
+        if part in scopes:
+            if part == "online" and "transpose" in op_name:
+                return "online backward"
+            return "online forward" if part == "online" else part
+    return "loss and glue"
+
+
+def kind_of(info: dict) -> str:
+    if "convolution" in info["inside"]:
+        return "convolution"
+    if "dot" in info["inside"]:
+        return "matrix multiply"
+    if any(re.search(r"BatchNorm|_bn\b", name) for name in info["op_names"]):
+        return "BatchNorm"
+    if info["opcode"] == "concatenate" or "transpose" in info["inside"] or "copy" in info["inside"]:
+        return "copies and layout"
+    return "other"
+
+
+def op_times(trace_dir: str, module: str) -> dict[str, float]:
+    """Summed microseconds per HLO instruction of `module` in the trace."""
+    (path,) = pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz")
+    data = json.load(gzip.open(path))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    totals = collections.Counter()
+    for event in events:
+        args = event.get("args") or {}
+        if event.get("ph") == "X" and args.get("hlo_module") == module and "hlo_op" in args:
+            totals[args["hlo_op"]] += event.get("dur", 0.0)
+    return totals
+
+
+def profile(args) -> dict:
+    learner, tx = throughput.build(args)
+    replicas = parallel.Replicas(args.mode, learner.axis_name, devices=jax.devices()[:1])
+    images = throughput.random_images(args)
+    state = replicas.replicate(learner.init(jax.random.key(0), images[:2], tx))
+    images = replicas.shard(images)
+    lowered = replicas.mapped(learner.train_step).lower(state, images, jax.random.key(0))
+    step = lowered.compile()
+    instructions = parse_hlo(step.as_text())
+    for i in range(args.warmup + 1):
+        state, metrics = step(state, images, jax.random.key(i))
+    jax.block_until_ready(metrics)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            start = time.perf_counter()
+            for i in range(args.steps):
+                state, metrics = step(state, images, jax.random.key(100 + i))
+            jax.block_until_ready(metrics)
+            wall_ms = 1e3 * (time.perf_counter() - start) / args.steps
+        module = re.search(r"HloModule ([\w.\-]+)", step.as_text()).group(1)
+        times = op_times(trace_dir, module)
+    return summarise(instructions, times, args.steps, wall_ms)
+
+
+def summarise(instructions, times, steps, wall_ms) -> dict:
+    by_part, by_kind, unknown = collections.Counter(), collections.Counter(), 0.0
+    for name, micros in times.items():
+        info = instructions.get(name)
+        if info is None:
+            unknown += micros
+            continue
+        by_part[part_of(info["op_name"])] += micros / 1e3 / steps
+        by_kind[kind_of(info)] += micros / 1e3 / steps
+    return {
+        "wall_ms_per_step": wall_ms,
+        "op_ms_per_step": sum(by_part.values()),
+        "unattributed_ms_per_step": unknown / 1e3 / steps,
+        "by_part": dict(by_part.most_common()),
+        "by_kind": dict(by_kind.most_common()),
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile-steps", type=int, default=5, help="steps under the profiler")
+    own, rest = parser.parse_known_args(argv)
+    args = throughput.parse_args(rest)
+    args.steps = own.profile_steps
+    result = profile(args)
+    op_ms = result["op_ms_per_step"]
+    print(f"wall {result['wall_ms_per_step']:.1f} ms/step under the profiler; ops {op_ms:.1f} ms")
+    for table in ("by_part", "by_kind"):
+        print(table.replace("_", " ") + ":")
+        for name, ms in result[table].items():
+            print(f"  {name:>16}: {ms:7.1f} ms  {100 * ms / op_ms:5.1f} %")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -8,9 +8,9 @@ steps under ``jax.profiler.trace`` and reads the trace's per-thunk events (each 
 HLO instruction it ran). Each instruction is attributed from its compiled HLO: its part of
 the step from the named scopes in ``byol.BYOL.train_step`` (views, online forward, online
 backward, target, update, ema, probe; the rest is the loss and glue), its kind from what it
-computes (convolution, matrix multiply, BatchNorm (with what XLA fused into it),
-copies and layout changes, other). Prints milliseconds per step for
-each, the summed op time and the step's wall time: op times can overlap (XLA runs independent
+computes (convolution, matrix multiply, BatchNorm with what XLA fused into it, copies and
+layout changes, other). Prints milliseconds per step for each (summed over ``--devices``),
+the summed op time and the step's wall time: op times can overlap (XLA runs independent
 thunks on several threads) and the wall time also holds dispatch and waits. Not a test.
 """
 
@@ -110,7 +110,9 @@ def op_times(trace_dir: str, module: str) -> dict[str, float]:
 
 def profile(args) -> dict:
     learner, tx = throughput.build(args)
-    replicas = parallel.Replicas(args.mode, learner.axis_name, devices=jax.devices()[:1])
+    replicas = parallel.Replicas(
+        args.mode, learner.axis_name, devices=jax.devices()[: args.devices]
+    )
     images = throughput.random_images(args)
     state = replicas.replicate(learner.init(jax.random.key(0), images[:2], tx))
     images = replicas.shard(images)

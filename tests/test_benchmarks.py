@@ -1,6 +1,7 @@
 """The benchmark scripts run (tiny settings): they must not rot. Their figures are not tested."""
 
 import argparse
+import os
 import pathlib
 import sys
 
@@ -13,6 +14,10 @@ import pytest  # noqa: E402
 import quality  # noqa: E402
 import step_profile  # noqa: E402
 import throughput  # noqa: E402
+import trainer_overhead  # noqa: E402
+
+from byol_jax import monitor, parallel  # noqa: E402
+from byol_jax.programs import pretraining  # noqa: E402
 
 
 def test_throughput_reports_speed_compile_time_memory_and_flops():
@@ -119,3 +124,21 @@ ENTRY %main (a: f32[4,8]) -> f32[4,8] {
     assert parts["convolution.3"] == "online backward" and kinds["convolution.3"] == "convolution"
     assert parts["add_fusion"] == "online forward" and kinds["add_fusion"] == "BatchNorm"
     assert parts["dot.2"] == "target" and kinds["dot.2"] == "matrix multiply"
+
+
+def test_trainer_overhead_times_the_trainer_and_its_bare_step(tmp_path):
+    folder = trainer_overhead.make_jpeg_folder(tmp_path, 40)
+    originals = (pretraining.datasets.pretrain_batches, parallel.Replicas.shard, monitor.MetricWriter.write)  # fmt: skip
+    result = trainer_overhead.main(
+        ["--source", "folder", "--folder", folder, "--num-filters", "4", "--batch", "8",
+         "--log-every", "2", "--intervals", "2", "--rounds", "1"]
+    )  # fmt: skip
+    (only,) = result["rounds"]
+    trainer, bare = only["trainer"], only["bare_step"]
+    assert trainer["images_per_s"] > 0 and bare["images_per_s"] > 0
+    assert only["ratio"] == pytest.approx(trainer["images_per_s"] / bare["images_per_s"])
+    # The folder source decodes JPEGs on the loop's thread's behalf: its wait was seen.
+    assert trainer["pipeline_ms_per_step"] > 0 and trainer["transfer_ms_per_step"] > 0
+    assert 0 < trainer["cpu_s_per_wall_s"] <= len(os.sched_getaffinity(0)) + 0.5  # cores
+    # The wrapped library calls are the library's own again.
+    assert originals == (pretraining.datasets.pretrain_batches, parallel.Replicas.shard, monitor.MetricWriter.write)  # fmt: skip

@@ -36,6 +36,7 @@ from byol_jax import parallel  # noqa: E402
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^=]*? (\w[\w\-]*)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_COMMENT = re.compile(r"/\*.*?\*/")  # /*index=5*/ in long operand and tuple lists
 PARTS = ("views", "target", "probe", "ema", "update", "online")
 
 
@@ -49,7 +50,7 @@ def parse_hlo(text: str) -> dict[str, dict]:
             current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
             computations[current] = {"opcodes": set(), "op_names": []}
             continue
-        match = _INSTRUCTION.match(line)
+        match = _INSTRUCTION.match(_COMMENT.sub("", line))
         if not match or current is None:
             continue
         name, opcode = match.groups()

@@ -176,7 +176,8 @@ def time_trainer(config, arrays) -> dict:
 
 def bare_step(config, arrays, steps: int):
     """The trainer's own learner and step on one device-resident batch: a timing function."""
-    run = pretraining.setup(config, tempfile.mkdtemp(), arrays)
+    with tempfile.TemporaryDirectory() as workdir:  # setup only checks it
+        run = pretraining.setup(config, workdir, arrays)
     batch = next(
         pretraining.datasets.pretrain_batches(
             config.data,
@@ -206,7 +207,8 @@ def bare_step(config, arrays, steps: int):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp())  # each round: one compile
+    if not jax.config.jax_compilation_cache_dir:  # the trainer compiles its step every round
+        jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp())
     arrays = random_arrays(args) if args.source == "arrays" else None
     with cifar_folder(args) as folder:
         config = make_config(args, folder)

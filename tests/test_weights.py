@@ -186,7 +186,9 @@ def test_the_authors_checkpoint_gives_their_networks_outputs(batch):
 
         def close(ours, key, network=network):
             expected = golden[f"{network}_{key}{batch}"]
-            np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+            # Haiku's and XLA's float32 sums run in different orders, by CPU: 1.7e-5 at most
+            # on an avx512_fp16 CPU (within 1e-5 on the earlier sessions' CPU).
+            np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=5e-5)
 
         close(representation, "representation")
         close(projection, "projection")

@@ -115,6 +115,7 @@ ENTRY %main (a: f32[4,8]) -> f32[4,8] {
   %a = f32[4,8]{1,0} parameter(0)
   %convolution.3 = f32[4,8]{1,0} convolution(%a, %a), metadata={op_name="jit(train_step)/transpose(jvp(online))/ResNet/Conv_0/conv_general_dilated"}
   %add_fusion = f32[4,8]{1,0} fusion(%convolution.3), kind=kLoop, calls=%fused_computation.1
+  %tuple.4 = (f32[4,8]{1,0}, /*index=1*/f32[4,8]{1,0}) tuple(%a, %a), metadata={op_name="jit(train_step)/ema/tuple"}
   ROOT %dot.2 = f32[4,8]{1,0} dot(%add_fusion, %a), metadata={op_name="jit(train_step)/jvp(target)/MLP/Dense_0/dot_general"}
 }
 """
@@ -124,6 +125,7 @@ ENTRY %main (a: f32[4,8]) -> f32[4,8] {
     assert parts["convolution.3"] == "online backward" and kinds["convolution.3"] == "convolution"
     assert parts["add_fusion"] == "online forward" and kinds["add_fusion"] == "BatchNorm"
     assert parts["dot.2"] == "target" and kinds["dot.2"] == "matrix multiply"
+    assert parts["tuple.4"] == "ema"  # a /*index=N*/ comment in its shape (while loops have)
 
 
 def test_trainer_overhead_times_the_trainer_and_its_bare_step(tmp_path):

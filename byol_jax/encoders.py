@@ -24,6 +24,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from byol_jax import networks
+
 PyTree = Any
 
 
@@ -98,6 +100,7 @@ class LinenEncoder:
             for name in path:
                 captured = captured[name]
             y = captured["__call__"][-1]  # the last call, as the seed's forward hook keeps
+            y = networks.join_batch(y)  # a ResNet layer's batch may come in slices (CPU)
         return y.reshape(y.shape[0], -1), updates.get("batch_stats", stats)
 
     def hidden_path(self, x) -> tuple[str, ...]:

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from byol_jax.batchnorm import BatchNorm
+
 # BatchNorm settings of the BYOL paper's official code (decay 0.9, eps 1e-5); they are
 # also PyTorch's defaults (momentum 0.1 there means decay 0.9 here).
 BN_MOMENTUM = 0.9
@@ -28,12 +30,13 @@ BN_EPSILON = 1e-5
 
 # XLA's CPU convolutions get slower per image as the batch grows (ResNet-18 forward+backward,
 # 32 px, on a 2-core AVX-512 CPU: 58.7 images/s at batch 32, 37.5 at 256), while a
-# convolution treats every image on its own. So on the CPU the ResNets convolve the batch in
-# slices of CPU_CONV_CHUNK images (batch 256 in slices of 8 / 16 / 32 / 64: 59 / 65 / 61 / 52
-# images/s), at most MAX_CONV_SLICES per convolution: every slice is its own op, and compile
-# time grows with their number (the BYOL step at batch 256: 32-image slices compile in half
-# the time of 16-image ones, 4 % slower). BatchNorm still sees the whole batch, so the
-# function computed is unchanged.
+# convolution treats every image on its own. So on the CPU a ResNet carries its batch as a
+# tuple of slices of CPU_CONV_CHUNK images or more, at most MAX_CONV_SLICES of them, from the
+# stem to the pooling: each convolution runs once per slice, and BatchNorm normalises all
+# slices with the statistics of the whole batch, so the function computed is unchanged.
+# Slicing only around each convolution (and joining the slices after it) cost XLA a copy
+# and a slow fused transpose per slice and layer, 26 % of the step's op time at base width
+# 16 (benchmarks/step_profile.py). Compile time grows with the number of slices.
 CPU_CONV_CHUNK = 16
 MAX_CONV_SLICES = 8
 
@@ -49,30 +52,38 @@ def conv_chunk_for_backend(conv_chunk: int | str | None) -> int | None:
     return conv_chunk
 
 
+def split_batch(x: jax.Array, chunk: int | None) -> tuple[jax.Array, ...]:
+    """[N, ...] -> a tuple of slices of at least ``chunk`` images, at most MAX_CONV_SLICES of
+    them (None, or a batch of ``chunk`` or fewer: one slice)."""
+    n = x.shape[0]
+    if chunk is None or n <= chunk:
+        return (x,)
+    size = max(chunk, -(-n // MAX_CONV_SLICES))
+    return tuple(x[i : i + size] for i in range(0, n, size))
+
+
+def join_batch(x):
+    """The inverse of ``split_batch``: a tuple of slices -> one array (an array unchanged)."""
+    if not isinstance(x, tuple):
+        return x
+    return x[0] if len(x) == 1 else jnp.concatenate(x, axis=0)
+
+
 class Conv(nn.Conv):
-    """``nn.Conv`` that convolves the batch in slices of at least ``chunk`` images and at most
-    ``MAX_CONV_SLICES`` slices (None: all at once).
-
-    Same parameters and outputs as ``nn.Conv``; only the way XLA is asked to run it differs.
-    """
-
-    chunk: int | None = None
+    """``nn.Conv`` that also takes a batch as a tuple of slices (``split_batch``) and
+    convolves each with the same kernel: same parameters, same outputs."""
 
     def __call__(self, inputs):
-        n = inputs.shape[0]
-        if self.chunk is None or inputs.ndim != 4 or n <= self.chunk:
-            return super().__call__(inputs)
-        size = max(self.chunk, -(-n // MAX_CONV_SLICES))
-        slices = [super(Conv, self).__call__(inputs[i : i + size]) for i in range(0, n, size)]
-        return jnp.concatenate(slices, axis=0)
+        if isinstance(inputs, tuple):
+            return tuple(super(Conv, self).__call__(x) for x in inputs)
+        return super().__call__(inputs)
 
 
-def _batch_norm(train: bool, axis_name: str | None, dtype: Any, **kwargs) -> nn.BatchNorm:
-    return nn.BatchNorm(
+def _batch_norm(train: bool, axis_name: str | None, dtype: Any, **kwargs) -> BatchNorm:
+    return BatchNorm(
         use_running_average=not train,
         momentum=BN_MOMENTUM,
         epsilon=BN_EPSILON,
-        use_fast_variance=False,
         axis_name=axis_name,
         dtype=dtype,
         **kwargs,
@@ -87,19 +98,17 @@ class BasicBlock(nn.Module):
     axis_name: str | None = None
     dtype: Any = jnp.float32
     zero_init_residual: bool = False
-    conv_chunk: int | None = None
     padding: str = "symmetric"
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        conv = functools.partial(Conv, use_bias=False, dtype=self.dtype, chunk=self.conv_chunk)
+        conv = functools.partial(Conv, use_bias=False, dtype=self.dtype)
         norm = functools.partial(_batch_norm, train, self.axis_name, self.dtype)
         residual = x
         y = conv(self.filters, (3, 3), self.strides, padding=_pad(self.padding, 1))(x)
-        y = nn.relu(norm()(y))
+        y = norm(relu=True)(y)
         y = conv(self.filters, (3, 3), padding=_pad(self.padding, 1))(y)
-        y = norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
-        return nn.relu(_shortcut(residual, y, self.strides, conv, norm) + y)
+        return _last_norm(residual, y, self.strides, conv, norm, self.zero_init_residual)
 
 
 class BottleneckBlock(nn.Module):
@@ -110,22 +119,20 @@ class BottleneckBlock(nn.Module):
     axis_name: str | None = None
     dtype: Any = jnp.float32
     zero_init_residual: bool = False
-    conv_chunk: int | None = None
     padding: str = "symmetric"
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        conv = functools.partial(Conv, use_bias=False, dtype=self.dtype, chunk=self.conv_chunk)
+        conv = functools.partial(Conv, use_bias=False, dtype=self.dtype)
         norm = functools.partial(_batch_norm, train, self.axis_name, self.dtype)
         residual = x
-        y = nn.relu(norm()(conv(self.filters, (1, 1))(x)))
+        y = norm(relu=True)(conv(self.filters, (1, 1))(x))
         # ResNet v1.5 (torchvision, flax and the BYOL code): the stride sits on the 3x3 conv.
-        y = nn.relu(
-            norm()(conv(self.filters, (3, 3), self.strides, padding=_pad(self.padding, 1))(y))
+        y = norm(relu=True)(
+            conv(self.filters, (3, 3), self.strides, padding=_pad(self.padding, 1))(y)
         )
         y = conv(self.filters * 4, (1, 1))(y)
-        y = norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
-        return nn.relu(_shortcut(residual, y, self.strides, conv, norm) + y)
+        return _last_norm(residual, y, self.strides, conv, norm, self.zero_init_residual)
 
 
 def _pad(padding: str, pixels: int):
@@ -140,12 +147,19 @@ def _pad(padding: str, pixels: int):
 PADDINGS = ("symmetric", "same")
 
 
-def _shortcut(x, y, strides, conv, norm):
-    """The residual branch: x itself, or a strided 1x1 projection where the shapes differ."""
-    if x.shape == y.shape:
-        return x
-    x = conv(y.shape[-1], (1, 1), strides, name="shortcut_conv")(x)
-    return norm(name="shortcut_bn")(x)
+def _last_norm(x, y, strides, conv, norm, zero_init_residual):
+    """relu(BatchNorm(y) + shortcut), the block's end, with the shortcut x itself or a
+    strided 1x1 projection where the shapes differ. The projection is made first, so its
+    layers keep the names and numbering they had when the sum was written out."""
+    if _shape(x) != _shape(y):
+        x = conv(_shape(y)[-1], (1, 1), strides, name="shortcut_conv")(x)
+        x = norm(name="shortcut_bn")(x)
+    return norm(scale_init=_last_scale_init(zero_init_residual), relu=True)(y, residual=x)
+
+
+def _shape(x) -> tuple[int, ...]:
+    """The shape of an array or of the slices of one (all but the batch are the same)."""
+    return x[0].shape[1:] if isinstance(x, tuple) else x.shape[1:]
 
 
 def _last_scale_init(zero: bool):
@@ -162,7 +176,8 @@ class ResNet(nn.Module):
     (32 px) images need. With ``num_classes`` a linear head is added and the module
     returns logits; its pooled features are then the output of the ``avgpool`` submodule
     (use ``hidden_layer='avgpool'``), as in torchvision. ``conv_chunk`` is how many images
-    each convolution call takes ('auto': ``CPU_CONV_CHUNK`` on the CPU, all elsewhere).
+    each slice of the batch holds at least ('auto': ``CPU_CONV_CHUNK`` on the CPU, one slice
+    elsewhere); a submodule's output is then a tuple of slices (``join_batch`` joins it).
     """
 
     stage_sizes: Sequence[int]
@@ -184,14 +199,18 @@ class ResNet(nn.Module):
         width = self.num_filters * self.width_multiplier
         chunk = conv_chunk_for_backend(self.conv_chunk)
         x = x.astype(self.dtype)
-        stem = functools.partial(Conv, width, use_bias=False, dtype=self.dtype, chunk=chunk)
+        # The batch travels as a tuple of slices from here to the pooling (CPU_CONV_CHUNK).
+        x = split_batch(x, chunk)
+        stem = functools.partial(Conv, width, use_bias=False, dtype=self.dtype)
         if self.cifar_stem:
             x = stem((3, 3), padding=1, name="stem_conv")(x)
         else:
             x = stem((7, 7), 2, padding=_pad(self.padding, 3), name="stem_conv")(x)
-        x = nn.relu(_batch_norm(train, self.axis_name, self.dtype, name="stem_bn")(x))
+        x = _batch_norm(train, self.axis_name, self.dtype, relu=True, name="stem_bn")(x)
         if not self.cifar_stem:
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(self.padding, 1))
+            x = tuple(
+                nn.max_pool(s, (3, 3), strides=(2, 2), padding=_pad(self.padding, 1)) for s in x
+            )
         for stage, num_blocks in enumerate(self.stage_sizes):
             for index in range(num_blocks):
                 x = self.block(
@@ -200,7 +219,6 @@ class ResNet(nn.Module):
                     axis_name=self.axis_name,
                     dtype=self.dtype,
                     zero_init_residual=self.zero_init_residual,
-                    conv_chunk=chunk,
                     padding=self.padding,
                     name=f"stage{stage + 1}_block{index + 1}",
                 )(x, train)
@@ -211,11 +229,13 @@ class ResNet(nn.Module):
 
 
 class GlobalAvgPool(nn.Module):
-    """[N, H, W, C] -> [N, C] mean over the spatial axes, in float32."""
+    """[N, H, W, C] (or a tuple of slices of it) -> [N, C] mean over the spatial axes, in
+    float32."""
 
     @nn.compact
     def __call__(self, x):
-        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        slices = x if isinstance(x, tuple) else (x,)
+        return join_batch(tuple(jnp.mean(s.astype(jnp.float32), axis=(1, 2)) for s in slices))
 
 
 _STAGES = {
@@ -293,7 +313,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = True):
         x = nn.Dense(self.hidden_size, dtype=self.dtype)(x)
-        x = nn.relu(_batch_norm(train, self.axis_name, self.dtype)(x))
+        x = _batch_norm(train, self.axis_name, self.dtype, relu=True)(x)
         return nn.Dense(self.output_size, dtype=self.dtype)(x)
 
 
@@ -310,6 +330,6 @@ class SimSiamMLP(nn.Module):
     def __call__(self, x, train: bool = True):
         norm = functools.partial(_batch_norm, train, self.axis_name, self.dtype)
         for _ in range(2):
-            x = nn.relu(norm()(nn.Dense(self.hidden_size, use_bias=False, dtype=self.dtype)(x)))
+            x = norm(relu=True)(nn.Dense(self.hidden_size, use_bias=False, dtype=self.dtype)(x))
         x = nn.Dense(self.output_size, use_bias=False, dtype=self.dtype)(x)
         return norm(use_scale=False, use_bias=False)(x)

@@ -94,11 +94,18 @@ def test_sliced_convolutions_compute_the_same_function(batch):
 )
 def test_sliced_convolution_slices_are_what_the_rule_says(batch, chunk, slices):
     x = jnp.zeros((batch, 8, 8, 3))
-    conv = networks.Conv(2, (3, 3), chunk=chunk)
-    variables = conv.init(jax.random.key(0), x)
-    hlo = jax.jit(conv.apply).lower(variables, x).as_text()
-    shapes = re.findall(r"stablehlo.convolution.*?\(tensor<(\d+)x8x8x3xf32>", hlo)
-    assert [int(n) for n in shapes] == slices
+    assert [s.shape[0] for s in networks.split_batch(x, chunk)] == slices
+    # The ResNet convolves each slice on its own and joins them only after the pooling.
+    net = networks.tiny_resnet(conv_chunk=chunk)
+    variables = net.init(jax.random.key(0), x[:2], train=False)
+    hlo = jax.jit(lambda v, x: net.apply(v, x, train=True, mutable=["batch_stats"])).lower(
+        variables, x
+    )
+    text = hlo.as_text()
+    stem = re.findall(r"stablehlo.convolution.*?\(tensor<(\d+)x8x8x3xf32>", text)
+    assert [int(n) for n in stem] == slices
+    joins = re.findall(r"stablehlo.concatenate.*?-> tensor<(\d+)x(\d+)xf32>", text)
+    assert all(int(n) == batch for n, _ in joins) and len(joins) == (len(slices) > 1)
 
 
 def test_conv_chunk_setting():
@@ -108,3 +115,19 @@ def test_conv_chunk_setting():
     assert networks.conv_chunk_for_backend(None) is None
     with pytest.raises(ValueError, match="conv_chunk must be"):
         networks.conv_chunk_for_backend(0)
+
+
+def test_a_hidden_layer_inside_a_sliced_resnet_gives_the_whole_batch():
+    """A block's output is a tuple of slices on the CPU; the learner's representation from
+    it is the whole batch's, as without slices."""
+    from byol_jax import encoders
+
+    x = jax.random.normal(jax.random.key(1), (21, 8, 8, 3))
+    whole = encoders.adapt(networks.tiny_resnet(conv_chunk=None), "stage1_block1")
+    sliced = encoders.adapt(networks.tiny_resnet(conv_chunk=4), "stage1_block1")
+    params, stats = whole.init(jax.random.key(0), x[:2])
+    for train in (True, False):
+        a, _ = whole.represent(params, stats, x, train=train)
+        b, _ = sliced.represent(params, stats, x, train=train)
+        assert a.shape == b.shape == (21, 8 * 8 * 4)
+        assert jnp.allclose(a, b, atol=1e-5)

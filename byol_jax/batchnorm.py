@@ -1,0 +1,187 @@
+"""BatchNorm for the networks of BYOL, with its gradient written out and ReLU fused in.
+
+``BatchNorm`` is ``flax.linen.BatchNorm`` (the same parameters ``scale`` / ``bias``, the same
+``batch_stats`` ``mean`` / ``var``, the same two-pass statistics in float32, averaged over
+``axis_name`` when given) with two differences in how it is computed, not in what:
+
+* In training mode its backward pass is written by hand (``jax.custom_vjp``) rather than
+  derived by JAX. Autodiff of normalise -> scale -> ReLU keeps several full-size
+  intermediates and reads them in several passes; the hand-written rule keeps only the
+  input and the output and needs two passes (two sums, then the input gradient). At the
+  quickstart's width (16 channels, 32 px) the step spends most of its time in such
+  memory-bound passes on the CPU, so this is where the time goes (measured in
+  ``benchmarks/throughput.py``, README "Measured").
+* ``relu=True`` applies ReLU to the result, and ``residual`` adds a tensor before it
+  (ResNet's ``relu(bn(y) + shortcut)``), inside the same rule.
+
+The gradient is the usual one, for the statistics of the whole (cross-replica) batch:
+``dx = scale / sigma * (g - mean(g) - x_hat * mean(g * x_hat))``, where ``g`` is the
+incoming gradient masked by the ReLU; ``tests/test_networks.py`` checks it against autodiff
+of ``flax.linen.BatchNorm``, on one device and across devices.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class BatchNorm(nn.Module):
+    """Batch normalisation over every axis but the last, then optionally ``+ residual`` and
+    ReLU. ``x`` [..., C] -> [..., C] in ``dtype`` (default: the input's).
+
+    ``use_running_average=True`` normalises with the stored averages (evaluation);
+    otherwise with the batch's statistics, which then update the averages (not while
+    initialising, as in Flax). The statistics take no gradient: they only feed the averages.
+    """
+
+    use_running_average: bool = False
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    axis_name: str | None = None
+    dtype: Any = None
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Any = nn.initializers.ones
+    bias_init: Any = nn.initializers.zeros
+    relu: bool = False
+
+    @nn.compact
+    def __call__(self, x, residual=None):
+        """x: [..., C], or a tuple of such slices of one batch (``networks.Conv`` makes them on
+        the CPU), normalised together; ``residual`` like x. Returns the same structure."""
+        sliced = isinstance(x, tuple)
+        xs, rs = (x, residual) if sliced else ((x,), None if residual is None else (residual,))
+        features = (xs[0].shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        scale = self._param("scale", self.use_scale, self.scale_init, features)
+        bias = self._param("bias", self.use_bias, self.bias_init, features)
+        dtype = self.dtype or xs[0].dtype
+        if self.use_running_average:
+            inv = lax.rsqrt(ra_var.value + self.epsilon)
+            ys = tuple(
+                _finish(
+                    (x.astype(jnp.float32) - ra_mean.value) * (inv * scale) + bias, r, self.relu
+                ).astype(dtype)
+                for x, r in zip(xs, rs or (None,) * len(xs), strict=True)
+            )
+        else:
+            # While initialising, the axis need not exist (as in Flax).
+            axis = None if self.is_initializing() else self.axis_name
+            ys, mean, var = batch_norm(xs, scale, bias, rs, self.epsilon, axis, self.relu, dtype)
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return ys if sliced else ys[0]
+
+    def _param(self, name, used, init, shape):
+        if used:
+            return self.param(name, init, shape, jnp.float32)
+        return (jnp.ones if name == "scale" else jnp.zeros)(shape, jnp.float32)
+
+
+def _finish(y, residual, relu):
+    if residual is not None:
+        y = y + residual.astype(jnp.float32)
+    return jax.nn.relu(y) if relu else y
+
+
+def _mean(xs, axis_name):
+    """Mean over every axis but the last of all slices, and over ``axis_name`` (replicas
+    holding equally many rows, as Flax assumes)."""
+    rows = sum(x.size // x.shape[-1] for x in xs)
+    m = sum(jnp.sum(x, axis=tuple(range(x.ndim - 1))) for x in xs) / rows
+    return m if axis_name is None else lax.pmean(m, axis_name)
+
+
+def batch_norm(xs, scale, bias, residuals, epsilon, axis_name, relu, dtype):
+    """Training-mode BatchNorm [+ residual] [-> ReLU] of the slices ``xs`` (a tuple of
+    [..., C] arrays) with the statistics of all of them: returns (the tuple of outputs in
+    ``dtype``, mean [C], var [C]); mean and var are float32 under stop-gradient."""
+    scale, bias = _vary_like(scale, xs[0]), _vary_like(bias, xs[0])
+    # float32 here: autodiff of this cast gives the residual's gradient in its own dtype.
+    # No residual is () (a pytree without leaves: nothing to differentiate).
+    residuals = () if residuals is None else tuple(r.astype(jnp.float32) for r in residuals)
+    ys, mean, var = _batch_norm(xs, scale, bias, residuals, epsilon, axis_name, relu, dtype)
+    return ys, lax.stop_gradient(mean), lax.stop_gradient(var)
+
+
+def _vary_like(a, x):
+    """``a`` (the same on every replica) marked as varying over the mapped axes that ``x``
+    varies over, as JAX does on its own where ``a`` meets ``x`` in an operation: autodiff
+    then sums its gradient over those axes, so the hand-written rule may return each
+    replica's own part of it. Outside ``shard_map`` nothing varies and ``a`` is returned."""
+    axes = tuple(sorted(_varying_axes(x) - _varying_axes(a)))
+    if not axes:
+        return a
+    if hasattr(lax, "pcast"):  # newer JAX
+        return lax.pcast(a, axes, to="varying")
+    return lax.pvary(a, axes)
+
+
+def _varying_axes(x) -> frozenset:
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10 and later
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))  # JAX 0.8 and 0.9
+
+
+def _forward(xs, scale, bias, residuals, epsilon, axis_name, relu, dtype):
+    xs = tuple(x.astype(jnp.float32) for x in xs)
+    mean = _mean(xs, axis_name)
+    # Two passes, as Flax's use_fast_variance=False: no cancellation when |mean| >> std.
+    var = _mean(tuple(jnp.square(x - mean) for x in xs), axis_name)
+    inv = lax.rsqrt(var + epsilon)
+    residuals = residuals or (None,) * len(xs)  # () -> no residual
+    ys = tuple(
+        _finish((x - mean) * (inv * scale) + bias, r, relu).astype(dtype)
+        for x, r in zip(xs, residuals, strict=True)
+    )
+    return ys, mean, var, inv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _batch_norm(xs, scale, bias, residuals, epsilon, axis_name, relu, dtype):
+    ys, mean, var, _ = _forward(xs, scale, bias, residuals, epsilon, axis_name, relu, dtype)
+    return ys, mean, var
+
+
+def _batch_norm_fwd(xs, scale, bias, residuals, epsilon, axis_name, relu, dtype):
+    ys, mean, var, inv = _forward(xs, scale, bias, residuals, epsilon, axis_name, relu, dtype)
+    # Saved: the input and (for ReLU's mask) the output, which the next layer keeps anyway.
+    return (ys, mean, var), (xs, ys if relu else None, mean, inv, scale, residuals)
+
+
+def _batch_norm_bwd(epsilon, axis_name, relu, dtype, saved, cotangents):
+    """(dxs, dscale, dbias, dresiduals) from the outputs' gradients; the cotangents of mean
+    and var are ignored: the caller puts them under stop-gradient."""
+    xs, ys, mean, inv, scale, residuals = saved
+    dys = cotangents[0]
+    gs = tuple(dy.astype(jnp.float32) for dy in dys)
+    if relu:  # ReLU's mask, read from the saved output
+        gs = tuple(jnp.where(y > 0, g, 0.0) for y, g in zip(ys, gs, strict=True))
+    x_hats = tuple((x.astype(jnp.float32) - mean) * inv for x in xs)
+    axes = tuple(range(xs[0].ndim - 1))
+    dbias = sum(jnp.sum(g, axis=axes) for g in gs)
+    dscale = sum(jnp.sum(g * x_hat, axis=axes) for g, x_hat in zip(gs, x_hats, strict=True))
+    rows = sum(x.size // x.shape[-1] for x in xs)
+    # The statistics are those of the whole batch across replicas: so are these means.
+    mean_g, mean_gx = dbias / rows, dscale / rows
+    if axis_name is not None:
+        mean_g, mean_gx = lax.pmean((mean_g, mean_gx), axis_name)
+    dxs = tuple(
+        ((scale * inv) * (g - mean_g - x_hat * mean_gx)).astype(x.dtype)
+        for g, x_hat, x in zip(gs, x_hats, xs, strict=True)
+    )
+    # The residual's gradient is the (masked) output gradient itself.
+    return dxs, dscale, dbias, gs if residuals else ()
+
+
+_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)

@@ -7,17 +7,19 @@
 * In training mode its backward pass is written by hand (``jax.custom_vjp``) rather than
   derived by JAX. Autodiff of normalise -> scale -> ReLU keeps several full-size
   intermediates and reads them in several passes; the hand-written rule keeps only the
-  input and the output and needs two passes (two sums, then the input gradient). At the
-  quickstart's width (16 channels, 32 px) the step spends most of its time in such
-  memory-bound passes on the CPU, so this is where the time goes (measured in
-  ``benchmarks/throughput.py``, README "Measured").
+  input and the output and needs two passes (two sums, then the input gradient). These
+  passes are memory-bound: at the quickstart's width (16 channels, 32 px, 256 images)
+  BatchNorm + ReLU forward and backward took 17.8 ms this way against 31.4 ms by autodiff on
+  the development CPU (README "Measured").
 * ``relu=True`` applies ReLU to the result, and ``residual`` adds a tensor before it
   (ResNet's ``relu(bn(y) + shortcut)``), inside the same rule.
+* It takes the batch whole or as a tuple of slices (``networks.split_batch``), normalised
+  with the statistics of all of them.
 
 The gradient is the usual one, for the statistics of the whole (cross-replica) batch:
 ``dx = scale / sigma * (g - mean(g) - x_hat * mean(g * x_hat))``, where ``g`` is the
-incoming gradient masked by the ReLU; ``tests/test_networks.py`` checks it against autodiff
-of ``flax.linen.BatchNorm``, on one device and across devices.
+incoming gradient masked by the ReLU; ``tests/test_batchnorm.py`` checks it against autodiff
+of ``flax.linen.BatchNorm``, whole and in slices, on one device and across eight.
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x, residual=None):
-        """x: [..., C], or a tuple of such slices of one batch (``networks.Conv`` makes them on
-        the CPU), normalised together; ``residual`` like x. Returns the same structure."""
+        """x: [..., C], or a tuple of slices of one batch (``networks.split_batch`` makes
+        them on the CPU), normalised together; ``residual`` like x. Returns the same
+        structure."""
         sliced = isinstance(x, tuple)
         xs, rs = (x, residual) if sliced else ((x,), None if residual is None else (residual,))
         features = (xs[0].shape[-1],)

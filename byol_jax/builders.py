@@ -24,7 +24,8 @@ def sample_images(config: ml_collections.ConfigDict) -> np.ndarray:
 
 def build_encoder(config: ml_collections.ConfigDict, dtype=jnp.float32, backend: str | None = None):
     """The encoder module the config names. ``backend`` is where the step will run (default:
-    this process's JAX backend); it decides how convolutions are sliced (networks.Conv)."""
+    this process's JAX backend); it decides whether the ResNet slices its batch
+    (networks.split_batch)."""
     backend = backend or jax.default_backend()
     return networks.encoder_by_name(
         config.encoder,

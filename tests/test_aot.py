@@ -62,7 +62,9 @@ def test_memory_is_positive_and_a_larger_batch_needs_more_temporaries(reports):
     for report in (tpu32, tpu128):
         assert report.argument_bytes > 0 and report.output_bytes > 0 and report.temp_bytes > 0
         assert report.fits and report.memory_bytes == 16 * 2**30
-    assert tpu128.temp_bytes > 2 * tpu32.temp_bytes  # measured: 14.4 -> 37.5 MB
+    # Measured: 14.4 -> 28.8 MB (37.5 MB at batch 128 before BatchNorm's hand-written gradient,
+    # which keeps fewer intermediates for the backward pass).
+    assert tpu128.temp_bytes > 1.5 * tpu32.temp_bytes
     # The state dominates the arguments; the batch adds its uint8 images, which the TPU lays
     # out in 32-bit words (measured: exactly 4 bytes per pixel value).
     extra_images = (128 - 32) // 4 * 32 * 32 * 3

@@ -149,8 +149,9 @@ PADDINGS = ("symmetric", "same")
 
 def _last_norm(x, y, strides, conv, norm, zero_init_residual):
     """relu(BatchNorm(y) + shortcut), the block's end, with the shortcut x itself or a
-    strided 1x1 projection where the shapes differ. The projection is made first, so its
-    layers keep the names and numbering they had when the sum was written out."""
+    strided 1x1 projection where the shapes differ. The projection's layers are named, so
+    making them before the last BatchNorm leaves that one's automatic name as it was
+    (checkpoints and imported weights keep their keys)."""
     if _shape(x) != _shape(y):
         x = conv(_shape(y)[-1], (1, 1), strides, name="shortcut_conv")(x)
         x = norm(name="shortcut_bn")(x)

@@ -34,9 +34,10 @@ BN_EPSILON = 1e-5
 # tuple of slices of CPU_CONV_CHUNK images or more, at most MAX_CONV_SLICES of them, from the
 # stem to the pooling: each convolution runs once per slice, and BatchNorm normalises all
 # slices with the statistics of the whole batch, so the function computed is unchanged.
-# Slicing only around each convolution (and joining the slices after it) cost XLA a copy
-# and a slow fused transpose per slice and layer, 26 % of the step's op time at base width
-# 16 (benchmarks/step_profile.py). Compile time grows with the number of slices.
+# Slicing only around each convolution (and joining the slices after it) cost XLA a
+# concatenation and slice copies per layer, and slower weight-gradient transposes: 243 of
+# the step's 1,859 ms of op time at base width 16 (benchmarks/step_profile.py). Compile time
+# grows with the number of slices.
 CPU_CONV_CHUNK = 16
 MAX_CONV_SLICES = 8
 

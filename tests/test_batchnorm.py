@@ -69,7 +69,7 @@ class _Ours(nn.Module):
         return networks.join_batch(y)
 
 
-def _loss_and_grads(module, x, residual, weights, params, stats, train=True):
+def _loss_and_grads(module, x, residual, weights, params, stats):
     def loss(x, residual, params):
         variables = {"params": {"bn": params}, "batch_stats": {"bn": stats}}
         y, updates = module.apply(variables, x, residual, mutable=["batch_stats"])

@@ -8,6 +8,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import batchnorm_step  # noqa: E402
 import gpu_run  # noqa: E402
 import nnx_step  # noqa: E402
 import pytest  # noqa: E402
@@ -144,3 +145,9 @@ def test_trainer_overhead_times_the_trainer_and_its_bare_step(tmp_path):
     assert 0 < trainer["cpu_s_per_wall_s"] <= len(os.sched_getaffinity(0)) + 0.5  # cores
     # The wrapped library calls are the library's own again.
     assert originals == (pretraining.datasets.pretrain_batches, parallel.Replicas.shard, monitor.MetricWriter.write)  # fmt: skip
+
+
+def test_batchnorm_step_times_both_sides():
+    result = batchnorm_step.main(["--shape", "4", "3", "3", "2", "--steps", "1", "--rounds", "1"])
+    assert result["byol_jax_ms"] > 0 and result["flax_ms"] > 0
+    assert result["ratio"] == pytest.approx(result["flax_ms"] / result["byol_jax_ms"])

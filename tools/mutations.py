@@ -77,6 +77,11 @@ MUTATIONS = [
              "    size = max(chunk, -(-n // MAX_CONV_SLICES))",
              "    size = chunk",
              (T + "test_networks.py::test_sliced_convolution_slices_are_what_the_rule_says",)),
+    Mutation("slices_joined_after_every_convolution", "byol_jax/networks.py",
+             "            return tuple(super(Conv, self).__call__(x) for x in inputs)",
+             "            out = join_batch(tuple(super(Conv, self).__call__(x) for x in inputs))\n"
+             "            return split_batch(out, inputs[0].shape[0])",
+             (T + "test_networks.py::test_sliced_convolution_slices_are_what_the_rule_says",)),
     Mutation("batchnorm_gradient_drops_the_variance_term", "byol_jax/batchnorm.py",
              "(g - mean_g - x_hat * mean_gx)",
              "(g - mean_g)",

@@ -31,7 +31,7 @@ import jax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import throughput  # noqa: E402 (the same builder and flags)
 
-from byol_jax import parallel  # noqa: E402
+from byol_jax import host_memory, parallel  # noqa: E402
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^=]*? (\w[\w\-]*)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
@@ -171,4 +171,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    host_memory.configure_for_run()  # as `python -m byol_jax.train` does, before JAX starts
     main()

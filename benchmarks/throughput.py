@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 import byol_jax
-from byol_jax import augment, hardware, networks, optim, parallel
+from byol_jax import augment, hardware, host_memory, networks, optim, parallel
 
 
 def parse_args(argv=None):
@@ -277,4 +277,6 @@ def compare_with_seed(args, result: dict, time_steps) -> None:
 
 
 if __name__ == "__main__":
+    # As `python -m byol_jax.train` does before JAX starts (BYOL_JAX_KEEP_HOST_MEMORY=0: not).
+    host_memory.configure_for_run()
     main()

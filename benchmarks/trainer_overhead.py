@@ -38,7 +38,7 @@ import time
 import jax
 import numpy as np
 
-from byol_jax import monitor, parallel
+from byol_jax import host_memory, monitor, parallel
 from byol_jax.programs import pretraining
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -240,4 +240,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    host_memory.configure_for_run()  # as `python -m byol_jax.train` does, before JAX starts
     main()

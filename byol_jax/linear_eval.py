@@ -13,7 +13,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from byol_jax import monitor
+from byol_jax import host_memory, monitor
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file in configs/linear_eval/.", lock_config=True
@@ -26,6 +26,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     monitor.setup_logging()
+    host_memory.configure_for_run()  # before JAX starts: on the CPU, steps reuse freed memory
     from byol_jax.programs import linear_evaluation  # noqa: PLC0415 (after flags: JAX reads its flags)
 
     results = linear_evaluation.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -3,6 +3,7 @@
 import argparse
 import os
 import pathlib
+import platform
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -10,6 +11,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import batchnorm_step  # noqa: E402
 import gpu_run  # noqa: E402
+import host_memory as host_memory_benchmark  # noqa: E402
 import nnx_step  # noqa: E402
 import pytest  # noqa: E402
 import quality  # noqa: E402
@@ -151,3 +153,13 @@ def test_batchnorm_step_times_both_sides():
     result = batchnorm_step.main(["--shape", "4", "3", "3", "2", "--steps", "1", "--rounds", "1"])
     assert result["byol_jax_ms"] > 0 and result["flax_ms"] > 0
     assert result["ratio"] == pytest.approx(result["flax_ms"] / result["byol_jax_ms"])
+
+
+def test_host_memory_benchmark_times_the_step_both_ways():
+    tiny = ["--encoder", "tiny", "--image-size", "16", "--batch", "8", "--steps", "2"]
+    result = host_memory_benchmark.main([*tiny, "--warmup", "0", "--rounds", "1"])
+    (default,), (kept,) = result["runs"]["0"], result["runs"]["1"]
+    assert not default["kept"] and kept["kept"] == (platform.libc_ver()[0] == "glibc")
+    for run in (default, kept):
+        assert run["wall_ms"] > 0 and run["temp_mb"] > 0 and run["page_faults"] >= 0
+    assert result["speedup"] == pytest.approx(default["wall_ms"] / kept["wall_ms"])

@@ -35,15 +35,8 @@ def child(rest: list[str]) -> dict:
     import jax  # noqa: PLC0415
     import throughput  # noqa: PLC0415
 
-    from byol_jax import parallel  # noqa: PLC0415
-
     args = throughput.parse_args(rest)
-    learner, tx = throughput.build(args)
-    replicas = parallel.Replicas(args.mode, learner.axis_name, devices=jax.devices()[:1])
-    images = throughput.random_images(args)
-    state = replicas.replicate(learner.init(jax.random.key(0), images[:2], tx))
-    images = replicas.shard(images)
-    step = replicas.mapped(learner.train_step).lower(state, images, jax.random.key(0)).compile()
+    _, step, state, images, _ = throughput.compile_step(args)
     temp = step.memory_analysis().temp_size_in_bytes
     for i in range(args.warmup + 1):
         state, metrics = step(state, images, jax.random.key(i))

@@ -31,7 +31,7 @@ import jax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import throughput  # noqa: E402 (the same builder and flags)
 
-from byol_jax import host_memory, parallel  # noqa: E402
+from byol_jax import host_memory  # noqa: E402
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^=]*? (\w[\w\-]*)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
@@ -110,15 +110,7 @@ def op_times(trace_dir: str, module: str) -> dict[str, float]:
 
 
 def profile(args) -> dict:
-    learner, tx = throughput.build(args)
-    replicas = parallel.Replicas(
-        args.mode, learner.axis_name, devices=jax.devices()[: args.devices]
-    )
-    images = throughput.random_images(args)
-    state = replicas.replicate(learner.init(jax.random.key(0), images[:2], tx))
-    images = replicas.shard(images)
-    lowered = replicas.mapped(learner.train_step).lower(state, images, jax.random.key(0))
-    step = lowered.compile()
+    _, step, state, images, _ = throughput.compile_step(args)
     instructions = parse_hlo(step.as_text())
     for i in range(args.warmup + 1):
         state, metrics = step(state, images, jax.random.key(i))

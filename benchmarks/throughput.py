@@ -104,21 +104,27 @@ def _conv_chunk(text: str):
     return named[text] if text in named else int(text)
 
 
-def measure(args) -> tuple[dict, object]:
-    """Compiles and warms the step; returns the figures of one timing and a function that
-    times ``args.steps`` more steps (seconds per step)."""
+def compile_step(args):
+    """The step the flags describe, mapped over ``args.devices`` and compiled ahead of time
+    (one compilation gives the executable and XLA's own figures): (replicas, compiled step,
+    replicated state, sharded images, compile seconds)."""
     learner, tx = build(args)
     replicas = parallel.Replicas(
         args.mode, learner.axis_name, devices=jax.devices()[: args.devices]
     )
     replicas.check_batch_size(args.batch)
     images = random_images(args)
-    state = learner.init(jax.random.key(0), images[:2], tx)
-    rstate, rimages = replicas.replicate(state), replicas.shard(images)
-    # Compile ahead of time: one compilation gives the executable and XLA's FLOP count.
+    state = replicas.replicate(learner.init(jax.random.key(0), images[:2], tx))
+    images = replicas.shard(images)
     start = time.perf_counter()
-    step = replicas.mapped(learner.train_step).lower(rstate, rimages, jax.random.key(0)).compile()
-    compile_s = time.perf_counter() - start
+    step = replicas.mapped(learner.train_step).lower(state, images, jax.random.key(0)).compile()
+    return replicas, step, state, images, time.perf_counter() - start
+
+
+def measure(args) -> tuple[dict, object]:
+    """Compiles and warms the step; returns the figures of one timing and a function that
+    times ``args.steps`` more steps (seconds per step)."""
+    replicas, step, rstate, rimages, compile_s = compile_step(args)
     flops = _flops_per_image(step, args.batch // replicas.num_replicas)
     rstate, metrics = step(rstate, rimages, jax.random.key(0))
     for i in range(args.warmup):

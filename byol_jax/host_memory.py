@@ -16,10 +16,10 @@ JAX starts its CPU backend's threads). The process's memory then stays at its pe
 
 The training entry points call ``configure_for_run()`` first: it keeps freed memory when the
 run computes on the CPU (``cpu_only()``) and leaves malloc alone on GPU and TPU hosts, where
-the temporaries live in device memory and one arena would serialise the input pipeline's
-threads. ``BYOL_JAX_KEEP_HOST_MEMORY=1`` or ``=0`` overrides that choice. A notebook on the
-CPU calls ``keep_freed_memory()`` itself, first thing. Outside glibc (macOS, musl) nothing
-changes.
+the temporaries live in device memory and one arena could serialise the input pipeline's
+threads (not measured: the development machine has 2 cores). ``BYOL_JAX_KEEP_HOST_MEMORY=1``
+or ``=0`` overrides that choice. A notebook on the CPU calls ``keep_freed_memory()`` itself,
+first thing. Outside glibc (macOS, musl) nothing changes.
 """
 
 from __future__ import annotations

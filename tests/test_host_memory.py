@@ -18,6 +18,7 @@ import ctypes, resource, sys, threading
 from byol_jax import host_memory
 kept = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else False
 libc = ctypes.CDLL(None)
+libc.prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages whatever the kernel's THP mode
 libc.malloc.restype = ctypes.c_void_p
 faults = []
 def round_():

@@ -11,7 +11,12 @@ backward, target, update, ema, probe; the rest is the loss and glue), its kind f
 computes (convolution, matrix multiply, BatchNorm with what XLA fused into it, copies and
 layout changes, other). Prints milliseconds per step for each (summed over ``--devices``),
 the summed op time and the step's wall time: op times can overlap (XLA runs independent
-thunks on several threads) and the wall time also holds dispatch and waits. Not a test.
+thunks on several threads) and the wall time also holds dispatch and waits.
+
+It also reads how busy XLA's worker threads were (``concurrency``): from the thread pool's
+region markers in the trace, the time during the profiled steps with 0, 1, 2 ... workers
+busy, the mean number busy, and the op time that ran while its worker was the only one busy
+(a core left idle), by kind and by part. Not a test.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^=]*? (\w[\w\-]*)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _COMMENT = re.compile(r"/\*.*?\*/")  # /*index=5*/ in long operand and tuple lists
+_UNKNOWN = {"opcode": "", "op_name": "", "op_names": [], "inside": set()}  # not in the HLO
 PARTS = ("views", "target", "probe", "ema", "update", "online")
 
 
@@ -98,15 +104,93 @@ def kind_of(info: dict) -> str:
 
 def op_times(trace_dir: str, module: str) -> dict[str, float]:
     """Summed microseconds per HLO instruction of `module` in the trace."""
-    (path,) = pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz")
-    data = json.load(gzip.open(path))
-    events = data["traceEvents"] if isinstance(data, dict) else data
     totals = collections.Counter()
-    for event in events:
+    for event in _trace_events(trace_dir):
         args = event.get("args") or {}
         if event.get("ph") == "X" and args.get("hlo_module") == module and "hlo_op" in args:
             totals[args["hlo_op"]] += event.get("dur", 0.0)
     return totals
+
+
+def _trace_events(trace_dir: str) -> list[dict]:
+    (path,) = pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz")
+    data = json.load(gzip.open(path))
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def worker_spans(events) -> dict[int, list[tuple[float, float]]]:
+    """XLA's CPU worker threads (thread names with 'XLAEigen') -> their busy spans, paired
+    from the thread pool's StartRegion / StopRegion markers, in trace microseconds."""
+    names = {
+        e["tid"]: e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "thread_name"
+    }
+    spans = {tid: [] for tid, name in names.items() if "XLAEigen" in name}
+    open_at = {}
+    for e in sorted(events, key=lambda e: e.get("ts", 0.0)):
+        tid, name = e.get("tid"), e.get("name", "")
+        if tid not in spans or e.get("ph") != "X":
+            continue
+        if name.endswith("::StartRegion"):
+            open_at[tid] = e["ts"]
+        elif name.endswith("::StopRegion") and tid in open_at:
+            spans[tid].append((open_at.pop(tid), e["ts"]))
+    return spans
+
+
+def busy_segments(spans, start: float, stop: float) -> list[tuple[float, float, int]]:
+    """[start, stop) cut where the number of busy workers changes: (from, to, busy)."""
+    edges = collections.Counter()
+    for intervals in spans.values():
+        for a, b in intervals:
+            if b <= start or a >= stop:
+                continue
+            edges[max(a, start)] += 1
+            edges[min(b, stop)] -= 1
+    segments, busy, at = [], 0, start
+    for t in sorted(set(edges) | {start, stop}):
+        if t > at:
+            segments.append((at, min(t, stop), busy))
+            at = t
+        if t >= stop:
+            break
+        busy += edges[t]
+    return segments
+
+
+def concurrency(events, module: str) -> dict:
+    """How busy the workers were from the module's first op to its last: milliseconds with
+    each number of workers busy, their mean, and per instruction the microseconds it ran
+    while no other worker was busy."""
+    spans = worker_spans(events)
+    ops = [
+        e
+        for e in events
+        if e.get("ph") == "X"
+        and (e.get("args") or {}).get("hlo_module") == module
+        and "hlo_op" in e["args"]
+    ]
+    if not spans or not ops:
+        return {"workers": len(spans), "ms_with_busy": {}, "mean_busy": 0.0, "alone_us": {}}
+    start = min(e["ts"] for e in ops)
+    stop = max(e["ts"] + e.get("dur", 0.0) for e in ops)
+    segments = busy_segments(spans, start, stop)
+    with_busy = collections.Counter()
+    for a, b, busy in segments:
+        with_busy[busy] += (b - a) / 1e3
+    alone = [(a, b) for a, b, busy in segments if busy == 1]
+    alone_us = collections.Counter()
+    for e in ops:
+        a, b = e["ts"], e["ts"] + e.get("dur", 0.0)
+        alone_us[e["args"]["hlo_op"]] += sum(max(0.0, min(b, y) - max(a, x)) for x, y in alone)
+    total = sum(with_busy.values())
+    return {
+        "workers": len(spans),
+        "ms_with_busy": dict(sorted(with_busy.items())),
+        "mean_busy": sum(k * ms for k, ms in with_busy.items()) / total if total else 0.0,
+        "alone_us": dict(alone_us),
+    }
 
 
 def profile(args) -> dict:
@@ -124,7 +208,10 @@ def profile(args) -> dict:
             wall_ms = 1e3 * (time.perf_counter() - start) / args.steps
         module = re.search(r"HloModule ([\w.\-]+)", step.as_text()).group(1)
         times = op_times(trace_dir, module)
-    return summarise(instructions, times, args.steps, wall_ms)
+        busy = concurrency(_trace_events(trace_dir), module)
+    result = summarise(instructions, times, args.steps, wall_ms)
+    result["concurrency"] = summarise_concurrency(instructions, busy, args.steps)
+    return result
 
 
 def summarise(instructions, times, steps, wall_ms) -> dict:
@@ -145,6 +232,36 @@ def summarise(instructions, times, steps, wall_ms) -> dict:
     }
 
 
+def summarise_concurrency(instructions, busy, steps) -> dict:
+    """``concurrency``'s figures per step, the lone ops' time by kind and by part."""
+    by_part, by_kind = collections.Counter(), collections.Counter()
+    for name, micros in busy["alone_us"].items():
+        info = instructions.get(name, _UNKNOWN)
+        by_part[part_of(info["op_name"])] += micros / 1e3 / steps
+        by_kind[kind_of(info)] += micros / 1e3 / steps
+    return {
+        "workers": busy["workers"],
+        "mean_busy_workers": busy["mean_busy"],
+        "ms_per_step_with_busy": {k: ms / steps for k, ms in busy["ms_with_busy"].items()},
+        "alone_ms_per_step": sum(by_part.values()),
+        "alone_by_part": dict(by_part.most_common()),
+        "alone_by_kind": dict(by_kind.most_common()),
+    }
+
+
+def print_concurrency(busy: dict) -> None:
+    with_busy = ", ".join(f"{k}: {ms:.1f}" for k, ms in busy["ms_per_step_with_busy"].items())
+    print(
+        f"workers busy: {busy['mean_busy_workers']:.2f} of {busy['workers']} on average; "
+        f"ms/step with 0, 1, ... busy: {with_busy}"
+    )
+    print(f"op time with its worker the only one busy: {busy['alone_ms_per_step']:.1f} ms/step")
+    for table in ("alone_by_kind", "alone_by_part"):
+        print("  " + table.replace("_", " ") + ":")
+        for name, ms in busy[table].items():
+            print(f"    {name:>16}: {ms:7.1f} ms")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile-steps", type=int, default=5, help="steps under the profiler")
@@ -158,6 +275,7 @@ def main(argv=None) -> dict:
         print(table.replace("_", " ") + ":")
         for name, ms in result[table].items():
             print(f"  {name:>16}: {ms:7.1f} ms  {100 * ms / op_ms:5.1f} %")
+    print_concurrency(result["concurrency"])
     print(json.dumps(result))
     return result
 

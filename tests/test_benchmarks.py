@@ -104,6 +104,47 @@ def test_step_profile_attributes_the_steps_op_time_to_its_parts():
     assert abs(total - result["op_ms_per_step"]) < 1e-6 * max(total, 1)
     # Almost every thunk the trace shows is an instruction of the compiled step.
     assert result["unattributed_ms_per_step"] < 0.05 * total
+    # The workers' busy time was read from the trace: the histogram covers the profiled
+    # steps, and an op can run alone only for as long as ops ran at all.
+    busy = result["concurrency"]
+    assert busy["workers"] >= 1 and max(busy["ms_per_step_with_busy"]) <= busy["workers"]
+    assert 0 < busy["mean_busy_workers"] <= busy["workers"]
+    assert sum(busy["ms_per_step_with_busy"].values()) <= result["wall_ms_per_step"] * 1.01
+    assert 0 <= busy["alone_ms_per_step"] <= total
+
+
+def test_step_profile_concurrency_counts_busy_workers_and_lone_ops():
+    def marker(tid, ts, what):
+        return {"ph": "X", "tid": tid, "ts": ts, "dur": 0.0, "name": f"ThreadpoolListener::{what}"}
+
+    def op(tid, ts, dur, name, module="jit_train_step"):
+        args = {"hlo_module": module, "hlo_op": name}
+        return {"ph": "X", "tid": tid, "ts": ts, "dur": dur, "name": name, "args": args}
+
+    names = [
+        {"ph": "M", "name": "thread_name", "tid": 1, "args": {"name": "tf_XLAEigen/1"}},
+        {"ph": "M", "name": "thread_name", "tid": 2, "args": {"name": "tf_XLAEigen/2"}},
+        {"ph": "M", "name": "thread_name", "tid": 3, "args": {"name": "python"}},
+    ]
+    # Worker 1 busy 0-1000 us, worker 2 busy 200-600 us; the python thread's markers and a
+    # span before the first op do not count.
+    events = names + [
+        marker(1, 0, "StartRegion"), marker(1, 1000, "StopRegion"),
+        marker(2, 200, "StartRegion"), marker(2, 600, "StopRegion"),
+        marker(2, -500, "StartRegion"), marker(2, -100, "StopRegion"),
+        marker(3, 0, "StartRegion"), marker(3, 1000, "StopRegion"),
+        op(1, 0, 500, "conv.1"), op(1, 500, 500, "fusion.2"), op(2, 200, 400, "conv.3"),
+        op(2, 300, 9000, "other_module_op", module="jit_other"),
+    ]  # fmt: skip
+    busy = step_profile.concurrency(events, "jit_train_step")
+    assert busy["workers"] == 2
+    # 0-200 and 600-1000 us one worker busy, 200-600 two: from the first op to the last.
+    assert busy["ms_with_busy"] == {1: pytest.approx(0.6), 2: pytest.approx(0.4)}
+    assert busy["mean_busy"] == pytest.approx(1.4)
+    # conv.1 ran alone 0-200 us, fusion.2 600-1000 us; conv.3 never ran alone.
+    assert busy["alone_us"] == {
+        "conv.1": pytest.approx(200), "fusion.2": pytest.approx(400), "conv.3": 0.0
+    }  # fmt: skip
 
 
 def test_step_profile_reads_parts_and_kinds_from_hlo_metadata():

@@ -12,7 +12,10 @@ time. Keeping it made that step 1.06x faster there (``benchmarks/host_memory.py`
 all threads, no ``mmap`` for large blocks) and never give freed heap back to the system, so
 the next step reuses pages that are already mapped. The settings are process-wide and only
 reach threads that have not allocated yet: call it before the first JAX computation (before
-JAX starts its CPU backend's threads). The process's memory then stays at its peak.
+JAX starts its CPU backend's threads). The process's memory then stays at its peak, and the
+heap grows while freed blocks are split by smaller ones before it holds: for ResNet-18 at
+base width 64 (1,965 MB of temporaries) 7.2 GB resident after 5 steps and steady after,
+against 3.9 GB without the setting; at width 16, 2.9 GB against 2.1 GB.
 
 The training entry points call ``configure_for_run()`` first: it keeps freed memory when the
 run computes on the CPU (``cpu_only()``) and leaves malloc alone on GPU and TPU hosts, where
@@ -45,7 +48,9 @@ def keep_freed_memory() -> bool:
     if platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)  # the C library this process already runs on
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    # A trim threshold of -1 turns trimming off (mallopt(3)); 2**31 - 1, the largest positive
+    # value, still gave a step's temporaries back whenever they passed 2 GiB (base width 64).
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
     return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
 
 

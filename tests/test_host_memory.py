@@ -10,9 +10,10 @@ import pytest
 
 from byol_jax import host_memory
 
-# A child that mallocs, fills and frees a 96 MB block four times, each from a fresh thread (as
-# XLA's worker threads take each step's temporaries) and prints the page faults of the last
-# three rounds. glibc serves a block over 64 MB from a worker's own arena with a new mmap.
+# A child that mallocs, fills and frees a block of argv[2] MiB argv[3] times, each from a fresh
+# thread (as XLA's worker threads take each step's temporaries) and prints the page faults of
+# all rounds but the first. glibc serves a block over 64 MB from a worker's own arena with a
+# new mmap.
 _CHILD = """
 import ctypes, resource, sys, threading
 from byol_jax import host_memory
@@ -23,11 +24,13 @@ libc.malloc.restype = ctypes.c_void_p
 faults = []
 def round_():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    block = libc.malloc(ctypes.c_size_t(96 * 2**20))
-    ctypes.memset(block, 1, 96 * 2**20)
+    size = int(sys.argv[2]) * 2**20
+    block = libc.malloc(ctypes.c_size_t(size))
+    assert block, "malloc failed"
+    ctypes.memset(block, 1, size)
     libc.free(ctypes.c_void_p(block))
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-for _ in range(4):
+for _ in range(int(sys.argv[3])):
     thread = threading.Thread(target=round_)
     thread.start()
     thread.join()
@@ -37,9 +40,12 @@ print(kept, sum(faults[1:]))
 GLIBC = platform.libc_ver()[0] == "glibc"
 
 
-def _faults(mode: str) -> tuple[str, int]:
+def _faults(mode: str, mib: int = 96, rounds: int = 4) -> tuple[str, int]:
     done = subprocess.run(
-        [sys.executable, "-c", _CHILD, mode], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", _CHILD, mode, str(mib), str(rounds)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     kept, faults = done.stdout.split()
@@ -56,6 +62,17 @@ def test_kept_memory_is_reused_without_page_faults():
     kept, faults = _faults("system")
     assert kept == "False"
     assert faults > 0.9 * pages, f"only {faults} page faults: glibc kept the block anyway"
+
+
+@pytest.mark.skipif(not GLIBC, reason="keep_freed_memory changes glibc's malloc only")
+def test_kept_memory_holds_blocks_over_2_gib():
+    # A step's temporaries pass 2 GiB at base width 64 (1,965 MB, plus the rest of the heap):
+    # a trim threshold of 2**31 - 1 bytes, the largest positive one, gave them back to the
+    # system after every step. -1 turns trimming off.
+    mib = 2304
+    kept, faults = _faults("keep", mib=mib, rounds=2)
+    assert kept == "True"
+    assert faults < 0.05 * mib * 2**20 // 4096, f"{faults} page faults: the block was trimmed"
 
 
 def test_cpu_only_follows_jax_platforms_first(monkeypatch):

@@ -22,6 +22,7 @@ busy, the mean number busy, and the op time that ran while its worker was the on
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import gzip
 import json
@@ -42,7 +43,6 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^=]*? (\w[\w\-]*)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _COMMENT = re.compile(r"/\*.*?\*/")  # /*index=5*/ in long operand and tuple lists
-_UNKNOWN = {"opcode": "", "op_name": "", "op_names": [], "inside": set()}  # not in the HLO
 PARTS = ("views", "target", "probe", "ema", "update", "online")
 
 
@@ -102,13 +102,22 @@ def kind_of(info: dict) -> str:
     return "other"
 
 
-def op_times(trace_dir: str, module: str) -> dict[str, float]:
-    """Summed microseconds per HLO instruction of `module` in the trace."""
+def module_ops(events, module: str) -> list[dict]:
+    """The trace's per-thunk events of `module` (each names its HLO instruction)."""
+    return [
+        e
+        for e in events
+        if e.get("ph") == "X"
+        and (e.get("args") or {}).get("hlo_module") == module
+        and "hlo_op" in e["args"]
+    ]
+
+
+def op_times(ops) -> dict[str, float]:
+    """Summed microseconds per HLO instruction of ``module_ops``."""
     totals = collections.Counter()
-    for event in _trace_events(trace_dir):
-        args = event.get("args") or {}
-        if event.get("ph") == "X" and args.get("hlo_module") == module and "hlo_op" in args:
-            totals[args["hlo_op"]] += event.get("dur", 0.0)
+    for e in ops:
+        totals[e["args"]["hlo_op"]] += e.get("dur", 0.0)
     return totals
 
 
@@ -159,18 +168,11 @@ def busy_segments(spans, start: float, stop: float) -> list[tuple[float, float, 
     return segments
 
 
-def concurrency(events, module: str) -> dict:
-    """How busy the workers were from the module's first op to its last: milliseconds with
-    each number of workers busy, their mean, and per instruction the microseconds it ran
-    while no other worker was busy."""
+def concurrency(events, ops) -> dict:
+    """How busy the workers were from the first of ``ops`` (``module_ops``) to the last:
+    milliseconds with each number of workers busy, their mean, and per instruction the
+    microseconds it ran while no other worker was busy."""
     spans = worker_spans(events)
-    ops = [
-        e
-        for e in events
-        if e.get("ph") == "X"
-        and (e.get("args") or {}).get("hlo_module") == module
-        and "hlo_op" in e["args"]
-    ]
     if not spans or not ops:
         return {"workers": len(spans), "ms_with_busy": {}, "mean_busy": 0.0, "alone_us": {}}
     start = min(e["ts"] for e in ops)
@@ -179,11 +181,18 @@ def concurrency(events, module: str) -> dict:
     with_busy = collections.Counter()
     for a, b, busy in segments:
         with_busy[busy] += (b - a) / 1e3
-    alone = [(a, b) for a, b, busy in segments if busy == 1]
+    alone = [(a, b) for a, b, busy in segments if busy == 1]  # sorted, disjoint
+    alone_starts = [a for a, _ in alone]
     alone_us = collections.Counter()
     for e in ops:
         a, b = e["ts"], e["ts"] + e.get("dur", 0.0)
-        alone_us[e["args"]["hlo_op"]] += sum(max(0.0, min(b, y) - max(a, x)) for x, y in alone)
+        # Only the segments from the last one starting at or before a to those starting
+        # before b can overlap [a, b).
+        first = max(bisect.bisect_right(alone_starts, a) - 1, 0)
+        last = bisect.bisect_left(alone_starts, b)
+        alone_us[e["args"]["hlo_op"]] += sum(
+            max(0.0, min(b, y) - max(a, x)) for x, y in alone[first:last]
+        )
     total = sum(with_busy.values())
     return {
         "workers": len(spans),
@@ -207,26 +216,34 @@ def profile(args) -> dict:
             jax.block_until_ready(metrics)
             wall_ms = 1e3 * (time.perf_counter() - start) / args.steps
         module = re.search(r"HloModule ([\w.\-]+)", step.as_text()).group(1)
-        times = op_times(trace_dir, module)
-        busy = concurrency(_trace_events(trace_dir), module)
-    result = summarise(instructions, times, args.steps, wall_ms)
+        events = _trace_events(trace_dir)
+    ops = module_ops(events, module)
+    result = summarise(instructions, op_times(ops), args.steps, wall_ms)
+    busy = concurrency(events, ops)
     result["concurrency"] = summarise_concurrency(instructions, busy, args.steps)
     return result
 
 
-def summarise(instructions, times, steps, wall_ms) -> dict:
+def attribute(instructions, micros_by_name, steps):
+    """Milliseconds per step by part and by kind (Counters), and those of instructions the
+    compiled HLO does not hold."""
     by_part, by_kind, unknown = collections.Counter(), collections.Counter(), 0.0
-    for name, micros in times.items():
+    for name, micros in micros_by_name.items():
         info = instructions.get(name)
         if info is None:
-            unknown += micros
+            unknown += micros / 1e3 / steps
             continue
         by_part[part_of(info["op_name"])] += micros / 1e3 / steps
         by_kind[kind_of(info)] += micros / 1e3 / steps
+    return by_part, by_kind, unknown
+
+
+def summarise(instructions, times, steps, wall_ms) -> dict:
+    by_part, by_kind, unknown = attribute(instructions, times, steps)
     return {
         "wall_ms_per_step": wall_ms,
         "op_ms_per_step": sum(by_part.values()),
-        "unattributed_ms_per_step": unknown / 1e3 / steps,
+        "unattributed_ms_per_step": unknown,
         "by_part": dict(by_part.most_common()),
         "by_kind": dict(by_kind.most_common()),
     }
@@ -234,16 +251,12 @@ def summarise(instructions, times, steps, wall_ms) -> dict:
 
 def summarise_concurrency(instructions, busy, steps) -> dict:
     """``concurrency``'s figures per step, the lone ops' time by kind and by part."""
-    by_part, by_kind = collections.Counter(), collections.Counter()
-    for name, micros in busy["alone_us"].items():
-        info = instructions.get(name, _UNKNOWN)
-        by_part[part_of(info["op_name"])] += micros / 1e3 / steps
-        by_kind[kind_of(info)] += micros / 1e3 / steps
+    by_part, by_kind, unknown = attribute(instructions, busy["alone_us"], steps)
     return {
         "workers": busy["workers"],
         "mean_busy_workers": busy["mean_busy"],
         "ms_per_step_with_busy": {k: ms / steps for k, ms in busy["ms_with_busy"].items()},
-        "alone_ms_per_step": sum(by_part.values()),
+        "alone_ms_per_step": sum(by_part.values()) + unknown,
         "alone_by_part": dict(by_part.most_common()),
         "alone_by_kind": dict(by_kind.most_common()),
     }

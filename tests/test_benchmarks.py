@@ -136,7 +136,7 @@ def test_step_profile_concurrency_counts_busy_workers_and_lone_ops():
         op(1, 0, 500, "conv.1"), op(1, 500, 500, "fusion.2"), op(2, 200, 400, "conv.3"),
         op(2, 300, 9000, "other_module_op", module="jit_other"),
     ]  # fmt: skip
-    busy = step_profile.concurrency(events, "jit_train_step")
+    busy = step_profile.concurrency(events, step_profile.module_ops(events, "jit_train_step"))
     assert busy["workers"] == 2
     # 0-200 and 600-1000 us one worker busy, 200-600 two: from the first op to the last.
     assert busy["ms_with_busy"] == {1: pytest.approx(0.6), 2: pytest.approx(0.4)}
